@@ -1,0 +1,301 @@
+"""LoRA adapters for model.py's Transformer, without forking its modules.
+
+- `LoRALinear` keeps the base `weight`/`bias` as its own attributes (the same Parameters, never copied), so
+  checkpoint keys do not move: `layers.0.self_attn.q_proj.weight` next to `...q_proj.lora_A.weight`.
+- `apply_lora` swaps the target linears of every (or chosen) layer and freezes the whole base model;
+  the LoRA factors may live in a wider dtype than the base (`lora_dtype=torch.float32` over a bf16 model).
+- `set_trainable_layers` turns gradients on for the LoRA factors of exactly the chosen layers, from a
+  precomputed per-layer index: T-Vaccine resamples its layers every step, so this must be cheap.
+- `merge_lora` folds `alpha/r * B @ A` into the base weights (idempotent); `merge_and_unload` also puts plain
+  `nn.Linear`s back, so a fresh adapter can be stacked on the merged model (the attack stage).
+- `disable_lora`: a context manager that gives the base model's outputs.
+- `save_adapter` / `load_adapter` speak PEFT's format (adapter_config.json + adapter_model.safetensors with
+  `base_model.model.model.layers...` keys), loading strictly: every tensor used, every factor filled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from weights import CheckpointError, iter_tensors
+
+# Which sub-module of a layer holds each target: these names are both HF's and PEFT's `target_modules`.
+TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LoraModel -> *ForCausalLM -> decoder (our Transformer)
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adapted linear
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / r) * B(A(dropout(x))), with W and b frozen and B zero at the start."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, lora_dtype=None):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias  # the base's own Parameters: no copy, same keys
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        kw = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, self.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT, so B A starts at exactly zero
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA input only
+        self.merged = False    # B A already folded into weight: the LoRA path must not be added again
+        self.disabled = False  # base model only (disable_lora)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged or self.disabled:
+            return y
+        a = self.dropout(x).to(self.lora_A.weight.dtype)  # fp32 factors over a bf16 base: compute in fp32
+        return y + (self.lora_B(self.lora_A(a)) * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            return
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))  # one rounding, not two
+        self.merged = True
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, "
+                f"bias={self.bias is not None}, merged={self.merged}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Applying, selecting, merging
+
+
+def apply_lora(model, rank: int = 8, alpha: float = 4, dropout: float = 0.1,
+               targets: Iterable[str] = tuple(TARGETS), layers: Iterable[int] | None = None, lora_dtype=None):
+    """Swap the target linears of `layers` (None = all) for LoRALinear; freeze every base parameter."""
+    targets = list(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        what = f"unknown LoRA targets {unknown}" if unknown else "no LoRA targets given"
+        raise ValueError(f"{what}; valid targets: {', '.join(TARGETS)}")
+    targets = [t for t in TARGETS if t in targets]  # canonical order, no duplicates (PEFT saves a set)
+    if not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters; call merge_and_unload(model) before adding new ones")
+    layers = _check_layers(model, layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for l in layers:
+        for t in targets:
+            parent = getattr(model.layers[l], TARGETS[t])
+            lora = LoRALinear(getattr(parent, t), rank, alpha, dropout, lora_dtype)
+            setattr(parent, t, lora)  # the Parameters made by the LoRALinear are trainable; the base is not
+    model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             layers=None if len(layers) == len(model.layers) else layers)
+    model._lora_index = {l: [getattr(getattr(model.layers[l], TARGETS[t]), t) for t in targets] for l in layers}
+    return model
+
+
+def _check_layers(model, layers) -> list[int]:
+    n = len(model.layers)
+    if layers is None:
+        return list(range(n))
+    layers = sorted(set(int(l) for l in layers))
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} are out of range: the model has {n} layers (0..{n - 1})")
+    return layers
+
+
+def _index(model) -> dict[int, list[LoRALinear]]:
+    index = getattr(model, "_lora_index", None)
+    if not index:
+        raise ValueError("the model has no LoRA adapters; call apply_lora(model) first")
+    return index
+
+
+def lora_modules(model) -> list[LoRALinear]:
+    return [m for mods in _index(model).values() for m in mods]
+
+
+def _selected(model, layers) -> list[int]:
+    index = _index(model)
+    if layers is None:
+        return list(index)
+    layers = sorted(set(int(l) for l in layers))
+    bad = [l for l in layers if l not in index]
+    if bad:
+        raise ValueError(f"layers {bad} have no LoRA adapters; adapted layers: {list(index)}")
+    return layers
+
+
+def lora_parameters(model, layers: Iterable[int] | None = None) -> list[nn.Parameter]:
+    """The LoRA factors (A then B of each adapted linear) of `layers`, or of all adapted layers."""
+    index = _index(model)
+    return [p for l in _selected(model, layers) for m in index[l] for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def set_trainable_layers(model, layers: Iterable[int] | None):
+    """requires_grad on the LoRA factors of exactly `layers` (attention and MLP alike); None = all layers."""
+    chosen = set(_selected(model, layers))
+    for l, mods in _index(model).items():
+        for m in mods:
+            m.lora_A.weight.requires_grad_(l in chosen)
+            m.lora_B.weight.requires_grad_(l in chosen)
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight in place; a second call changes nothing."""
+    for m in lora_modules(model):
+        m.merge()
+    return model
+
+
+def merge_and_unload(model):
+    """Merge, then put plain nn.Linears (holding the merged Parameters) back: the model has no LoRA left."""
+    merge_lora(model)
+    for l, mods in _index(model).items():
+        for part in ("self_attn", "mlp"):
+            parent = getattr(model.layers[l], part)
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    with torch.device("meta"):  # the Parameters below replace these at once: allocate nothing
+                        plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                    plain.weight, plain.bias = child.weight, child.bias
+                    setattr(parent, name, plain)
+    del model._lora_index, model.lora_config
+    return model
+
+
+@contextmanager
+def disable_lora(model):
+    """Inside: the base model's outputs. The previous state comes back even if the body raises."""
+    mods = lora_modules(model)
+    if any(m.merged for m in mods):
+        raise ValueError("the adapters are merged into the base weights: disable_lora cannot remove them")
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(mods, before):
+            m.disabled = d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT-format files
+
+
+def _atomic_write(path: Path, write):
+    # A crash mid-write must not leave a half file under the final name: write beside it, then rename.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model, out_dir, base_model_name_or_path: str = "") -> Path:
+    """Write the adapter as PEFT does; `PeftModel.from_pretrained(hf_model, out_dir)` loads it."""
+    from safetensors.torch import save_file
+
+    _index(model)  # raises if there is nothing to save
+    cfg, out = model.lora_config, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if ".lora_A." in k or ".lora_B." in k}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": cfg["lora_dropout"], "target_modules": cfg["target_modules"], "bias": "none",
+        "fan_in_fan_out": False, "base_model_name_or_path": base_model_name_or_path or None,
+        "inference_mode": True, "init_lora_weights": True, "layers_to_transform": cfg["layers"],
+        "layers_pattern": "layers" if cfg["layers"] is not None else None, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(cfg, dict) or "r" not in cfg or "lora_alpha" not in cfg:
+        raise CheckpointError(f"{path}: not a LoRA adapter config (no r / lora_alpha)")
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    # Variants that change the math (other scaling, magnitude vectors, trained biases): refuse, don't guess.
+    unsupported = {k: cfg[k] for k in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern",
+                                       "alpha_pattern", "modules_to_save") if cfg.get(k)}
+    if cfg.get("bias", "none") != "none":
+        unsupported["bias"] = cfg["bias"]
+    if not isinstance(cfg.get("target_modules"), list):
+        unsupported["target_modules"] = cfg.get("target_modules")
+    if unsupported:
+        raise CheckpointError(f"{path}: unsupported LoRA settings {unsupported}")
+    return cfg
+
+
+def load_adapter(model, adapter_dir, lora_dtype=None):
+    """Load a PEFT LoRA adapter; adds the adapters first if the model has none. Strict about every key."""
+    folder = Path(adapter_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing: an adapter folder needs {CONFIG_FILE} and "
+                                  f"{WEIGHTS_FILE} (as written by save_adapter or PEFT's save_pretrained)")
+    cfg = _read_config(folder / CONFIG_FILE)
+    tensors = dict(iter_tensors([folder / WEIGHTS_FILE]))  # read (a corrupt file raises) before touching the model
+    layers = cfg.get("layers_to_transform")
+    if getattr(model, "_lora_index", None) is None:
+        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"],
+                   [layers] if isinstance(layers, int) else layers, lora_dtype)
+    have = model.lora_config
+    if (have["r"], have["lora_alpha"]) != (cfg["r"], cfg["lora_alpha"]):
+        raise CheckpointError(f"{folder}: the adapter has rank {cfg['r']}, alpha {cfg['lora_alpha']} but the "
+                              f"model's LoRA has rank {have['r']}, alpha {have['lora_alpha']}")
+    own = {k: p for k, p in model.named_parameters() if ".lora_A." in k or ".lora_B." in k}
+    filled, unexpected, wrong_shape = set(), [], []
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            key = name.removeprefix(PEFT_PREFIX)
+            if key == name or key not in own:
+                unexpected.append(name)
+            elif tensor.shape != own[key].shape:
+                wrong_shape.append(f"{name}: adapter {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
+                filled.add(key)  # present, just wrong: listed once, under wrong shape
+            else:
+                own[key].copy_(tensor)
+                filled.add(key)
+    missing = sorted(PEFT_PREFIX + k for k in set(own) - filled)
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match the model's LoRA layout:"
+                              + _listing("missing", missing) + _listing("unexpected", unexpected)
+                              + _listing("wrong shape", wrong_shape))
+    return model
+
+
+def _listing(what, names, limit=10):
+    if not names:
+        return ""
+    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return f"\n  {what} ({len(names)}): {', '.join(names[:limit])}{more}"
