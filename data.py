@@ -299,6 +299,19 @@ def tokenize_example(tokenizer, example: dict, max_len: int = 200) -> tuple[list
     return input_ids, labels
 
 
+def tokenize_dataset(tokenizer, examples: list[dict], max_len: int, name: str) -> list[tuple[list, list]]:
+    """tokenize_example over a set, dropping (and reporting) examples whose target was truncated away:
+    they carry no loss, and a batch made only of them would have nothing to learn from."""
+    pairs = [tokenize_example(tokenizer, ex, max_len) for ex in examples]
+    kept = [(ids, labels) for ids, labels in pairs if any(t != IGNORE_INDEX for t in labels)]
+    if len(kept) < len(pairs):
+        print(f"[data] {name}: dropped {len(pairs) - len(kept)} of {len(pairs)} examples whose prompt alone "
+              f"fills --max-len {max_len}")
+    if not kept:
+        raise ValueError(f"{name}: no example keeps a target token within --max-len {max_len}")
+    return kept
+
+
 def pad_id_of(tokenizer) -> int:
     """The pad id; Llama-style tokenizers have none, and EOS is safe as padding under the attention mask."""
     return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

@@ -1,0 +1,284 @@
+"""T-Vaccine against independent references: HF transformers + peft with forward hooks and a plain full-graph
+step written here (no checkpointing, no truncation, no autograd.grad tricks)."""
+import itertools
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+import tvaccine
+from lora import apply_lora, lora_parameters, save_adapter, set_trainable_layers
+from model import load_model
+from tvaccine import AlignmentMethod, layer_importance, perturbation, perturbed_step, sample_layers
+
+B, T = 4, 14
+
+
+def make_batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 10:] = 0
+    mask[3, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100  # the prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture
+def pair(tiny_checkpoint, tmp_path):
+    """Our model with a random LoRA (dropout 0), and the same weights + adapter in HF transformers + peft."""
+    peft = pytest.importorskip("peft")
+    folder, hf = tiny_checkpoint("llama", layers=4)
+    ours, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
+    apply_lora(ours, rank=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_adapter(ours, tmp_path / "adapter")
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
+    ours.train(), ref.train()
+    return ours, ref
+
+
+def hf_layers(ref):
+    return ref.base_model.model.model.layers
+
+
+def ref_forward(ref, batch, eps=None):
+    """HF + peft forward that records (and optionally perturbs) each layer's attention output."""
+    hs, handles = {}, []
+    for l, layer in enumerate(hf_layers(ref)):
+        def hook(mod, inp, out, l=l):
+            h = out[0] + eps[l] if eps is not None and l in eps else out[0]
+            h.retain_grad()
+            hs[l] = h
+            return (h,) + tuple(out[1:])
+        handles.append(layer.self_attn.register_forward_hook(hook))
+    loss = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    for h in handles:
+        h.remove()
+    return loss, hs
+
+
+def ref_lora_grads(ref):
+    out = {}
+    for name, p in ref.named_parameters():
+        if "lora_" in name and p.grad is not None:
+            key = name.replace("base_model.model.model.", "").replace(".default", "")
+            out[key] = p.grad.clone()
+    return out
+
+
+def test_importance_is_the_normalised_gradient_norm_of_the_attention_outputs(pair):
+    ours, ref = pair
+    batch = make_batch(96)
+    P = layer_importance(ours, batch)
+    loss, hs = ref_forward(ref, batch)
+    loss.backward()  # the plain way: full backward, gradients everywhere
+    s = torch.stack([hs[l].grad.norm() for l in range(4)])
+    torch.testing.assert_close(P, s / s.sum(), rtol=1e-4, atol=1e-6)
+    assert P.sum().item() == pytest.approx(1.0) and (P > 0).all()
+
+
+def test_sampling_gives_distinct_sorted_layers_with_the_right_frequencies():
+    P = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_layers(P, 2, g) for _ in range(20000)]
+    assert all(len(set(d)) == 2 and d == sorted(d) for d in draws)
+    # exact inclusion probabilities of sequential sampling without replacement, by enumeration
+    exact = torch.zeros(4)
+    for a, b in itertools.permutations(range(4), 2):
+        exact[a] += P[a] * P[b] / (1 - P[a])
+        exact[b] += P[a] * P[b] / (1 - P[a])
+    freq = torch.zeros(4)
+    for d in draws:
+        freq[d] += 1
+    freq /= len(draws)
+    sd = torch.sqrt(exact * (1 - exact) / len(draws))
+    assert ((freq - exact).abs() < 4 * sd).all(), (freq, exact)
+    with pytest.raises(RuntimeError):
+        sample_layers(P, 5, g)  # more layers than exist
+
+
+def test_perturbation_has_global_norm_rho_and_no_history():
+    g = [torch.randn(2, 3, 4, requires_grad=True) * 3, torch.randn(2, 3, 4, requires_grad=True)]
+    eps = perturbation(g, rho=3.0)
+    assert math.sqrt(sum(e.pow(2).sum().item() for e in eps)) == pytest.approx(3.0, rel=1e-5)
+    assert all(not e.requires_grad and e.grad_fn is None for e in eps)
+    # direction preserved: eps_l is a positive multiple of g_l
+    for e, gl in zip(eps, g):
+        cos = torch.nn.functional.cosine_similarity(e.flatten(), gl.detach().flatten(), dim=0)
+        assert cos.item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tvaccine_step_matches_a_plain_reference_step(pair, checkpointing):
+    ours, ref = pair
+    ours.checkpointing = checkpointing
+    batch, layers, rho = make_batch(96, seed=3), [1, 3], 0.5
+    set_trainable_layers(ours, layers)
+    loss1, loss2 = perturbed_step(ours, batch, layers, rho)
+    got = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+
+    # reference: full graph, every gradient computed, norm over the selected layers only
+    loss, hs = ref_forward(ref, batch)
+    loss.backward()
+    g = {l: hs[l].grad for l in layers}
+    norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+    eps = {l: (rho * v / (norm + 1e-7)).detach() for l, v in g.items()}
+    ref.zero_grad(set_to_none=True)
+    loss_p, _ = ref_forward(ref, batch, eps)
+    loss_p.backward()
+    want = {n: v for n, v in ref_lora_grads(ref).items() if int(n.split(".")[1]) in layers}
+
+    assert loss1 == pytest.approx(loss.item(), abs=1e-5) and loss2 == pytest.approx(loss_p.item(), abs=1e-5)
+    assert set(got) == set(want) and len(want) == 2 * 7 * 2
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+    # and one AdamW step on both sides gives the same parameters
+    opt_ours = torch.optim.AdamW(lora_parameters(ours), lr=1e-2, weight_decay=0.1)
+    ref_params = {n.replace("base_model.model.model.", "").replace(".default", ""): p
+                  for n, p in ref.named_parameters() if "lora_" in n}
+    for n, p in ref_params.items():
+        p.grad = want.get(n)
+    opt_ref = torch.optim.AdamW(list(ref_params.values()), lr=1e-2, weight_decay=0.1)
+    opt_ours.step(), opt_ref.step()
+    for n, p in ours.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=1e-6)  # Adam normalises tiny grads
+
+
+def test_freezing_changes_only_the_selected_layers(pair):
+    ours, _ = pair
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    method = AlignmentMethod(ours, "tvaccine", rho=1.0, gamma=2, refresh_every=1, resample_every=1,
+                             harmful_batches=[make_batch(96, seed=9)], seed=0)
+    opt = torch.optim.AdamW(lora_parameters(ours), lr=1e-2, weight_decay=0.1)
+    stats = method(0, make_batch(96, seed=4))
+    opt.step()
+    changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+    layers = stats["layers"]
+    assert len(layers) == 2
+    expected = {n for n in before if "lora_" in n and int(n.split(".")[1]) in layers}
+    assert changed == expected and len(expected) == 2 * 7 * 2  # 7 targets (attention and MLP), A and B
+
+
+# --- the command line: resume, bad input, NaN --------------------------------------------------------------------
+
+def write_safety(folder, n_safe=24, n_unsafe=12):
+    rows = [{"prompt": f"w{4 + i % 50} w{5 + i % 40} w6", "response": f"w{10 + i % 30} w7 w8",
+             "is_safe": i < n_safe, "category": "x"} for i in range(n_safe + n_unsafe)]
+    (folder / "safety").mkdir(parents=True, exist_ok=True)
+    (folder / "safety" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def cli_args(model, data_dir, out, *extra):
+    return ["--model", str(model), "--data-dir", str(data_dir), "--out", str(out), "--n-align", "24",
+            "--n-harmful", "12", "--batch-size", "4", "--harmful-batch-size", "4", "--epochs", "2",
+            "--gamma", "2", "--refresh-every", "3", "--resample-every", "2", "--max-len", "48",
+            "--save-every", "2", "--no-progress", *extra]
+
+
+def adapter_tensors(out):
+    from safetensors.torch import load_file
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_after_interrupt_gives_bitwise_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch):
+    folder, _ = tiny_checkpoint("llama", layers=4)
+    data_dir = write_safety(tmp_path / "data")
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "full"))
+    calls = {"n": 0}
+    real = tvaccine.perturbed_step
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of step 5
+        return real(*a, **kw)
+    monkeypatch.setattr(tvaccine, "perturbed_step", interrupted)
+    with pytest.raises(SystemExit):
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut"))
+    monkeypatch.setattr(tvaccine, "perturbed_step", real)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 6  # the step in flight was finished, then saved
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut", "--resume"))
+    full, cut = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "cut")
+    assert full.keys() == cut.keys()
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    metrics = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(12))
+    imp = [json.loads(l) for l in (tmp_path / "full" / "importance.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in imp] == [0, 3, 6, 9] and all(len(r["P"]) == 4 for r in imp)
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["peak_memory_bytes"] > 0
+
+
+def test_outputs_of_each_method(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint("qwen2", layers=3)
+    data_dir = write_safety(tmp_path / "data")
+    for method in ("sft", "vaccine"):
+        out = tmp_path / method
+        tvaccine.main(cli_args(folder, data_dir, out, "--method", method, "--epochs", "1"))
+        assert (out / "adapter" / "adapter_config.json").is_file()
+        config = json.loads((out / "config.json").read_text())
+        assert config["method"] == method and config["rho"] == 3.0 or method == "sft"
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in rows)
+        if method == "vaccine":
+            assert rows[0]["layers"] == [0, 1, 2] and "loss_pass1" in rows[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gamma", "9"], "--gamma 9 exceeds the model's 4 layers"),
+    (["--rho", "-1"], "--rho must be >= 0"),
+    (["--method", "repnoise"], "unknown method 'repnoise'"),
+    (["--n-align", "100"], "only 24 exist"),
+    (["--batch-size", "30"], "fewer than one batch of 30"),
+    (["--lr", "0"], "--lr must be > 0"),
+])
+def test_bad_input_fails_before_training(tiny_checkpoint, tmp_path, extra, message):
+    folder, _ = tiny_checkpoint("llama", layers=4)
+    data_dir = write_safety(tmp_path / "data")
+    with pytest.raises(ValueError, match=message):
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "out", *extra))
+
+
+def test_empty_data_and_occupied_out_dir(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint("llama", layers=4)
+    empty = tmp_path / "empty"
+    (empty / "safety").mkdir(parents=True)
+    (empty / "safety" / "train.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        tvaccine.main(cli_args(folder, empty, tmp_path / "o1"))
+    data_dir = write_safety(tmp_path / "data")
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1"))
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1"))
+    with pytest.raises(ValueError, match="holds a run with other settings: rho=3.0 \\(now 1.0\\)"):
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1", "--rho", "1", "--resume"))
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1", "--overwrite"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    from trainer import NonFiniteLoss
+    folder, _ = tiny_checkpoint("llama", layers=4)
+    data_dir = write_safety(tmp_path / "data")
+    calls = {"n": 0}
+    real = tvaccine.perturbed_step
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        loss1, loss2 = real(*a, **kw)
+        return (loss1, float("nan")) if calls["n"] == 4 else (loss1, loss2)
+    monkeypatch.setattr(tvaccine, "perturbed_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 3"):
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "out"))
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2

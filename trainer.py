@@ -1,0 +1,250 @@
+"""The run machinery shared by the alignment (tvaccine.py) and the attack (attack.py) stages.
+
+- `RunDir`: the output folder: refuses to overwrite a different run, writes the resolved config, metrics
+  JSONL, atomic checkpoints (temp file + rename) and the summary.
+- `train`: AdamW over the LoRA parameters, cosine schedule with warmup, grad-norm clipping, a progress bar,
+  a checkpoint every N steps and on Ctrl-C, exact resume (optimizer, schedule, RNG, data order, method
+  state), and a hard stop on a NaN/inf loss that keeps the last good checkpoint.
+- Peak memory: `torch.cuda.max_memory_allocated` on GPU (reset when the stage starts), peak RSS on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+# Keys that may differ between an interrupted run and its resumption.
+RESUME_FREE_KEYS = {"resume", "overwrite", "save_every", "progress"}
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+class RunDir:
+    def __init__(self, path: str | Path, config: dict, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.config = config
+        previous = self.path / "config.json"
+        if previous.exists():
+            old = json.loads(previous.read_text())
+            if resume:
+                diff = sorted(k for k in set(old) | set(config)
+                              if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k))
+                if diff:
+                    raise ValueError(f"--resume: {self.path} holds a run with other settings: "
+                                     + ", ".join(f"{k}={old.get(k)!r} (now {config.get(k)!r})" for k in diff))
+            elif not overwrite:
+                raise ValueError(f"{self.path} already holds a run; pass --resume to continue it or "
+                                 "--overwrite to start over")
+            else:
+                for name in (CHECKPOINT, "metrics.jsonl", "importance.jsonl", "summary.json"):
+                    (self.path / name).unlink(missing_ok=True)
+        elif resume:
+            raise ValueError(f"--resume: {self.path} holds no run to resume")
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(previous, json.dumps(config, indent=2, default=str))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def log(self, name: str, record: dict):
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_logs(self, step: int):
+        """On resume, drop log lines written after the checkpoint, so each step appears once."""
+        for name in ("metrics.jsonl", "importance.jsonl"):
+            f = self.path / name
+            if f.exists():
+                keep = [l for l in f.read_text().splitlines() if l and json.loads(l)["step"] < step]
+                atomic_write_text(f, "".join(l + "\n" for l in keep))
+
+    def write_summary(self, summary: dict):
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, RNG, memory
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:  # linear warmup from 0, then half a cosine down to 0 (as HF's schedule)
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return factor
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    # ru_maxrss is in KiB on Linux; it is the process's peak, model loading included
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu peak RSS (process)"
+
+
+def reset_peak_memory(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+class stop_at_step_boundary_on_ctrl_c:
+    """The first Ctrl-C asks the loop to finish the current step and save; a second one aborts at once.
+
+    Saving at a step boundary keeps the checkpoint consistent (RNG, data order and optimizer all after the
+    same step), which exact resumption needs."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[train] Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epochs: int, weight_decay: float,
+          warmup_ratio: float, max_grad_norm: float, save_every: int, resume: bool, method_state=None,
+          progress: bool = True, desc: str = "train") -> dict:
+    """Run `step_fn(step, batch) -> stats` (forward + backward) for epochs * len(batches) optimizer steps.
+
+    method_state: an object with state_dict()/load_state_dict() (e.g. T-Vaccine's P, S and sampler), saved in
+    every checkpoint so a resumed run continues exactly.
+    """
+    from tqdm import tqdm
+
+    device = params[0].device
+    total = epochs * len(batches)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup_ratio))
+    named = {id(p): n for n, p in model.named_parameters()}
+    start, elapsed = 0, 0.0
+    if resume and run.checkpoint_path.exists():
+        ck = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False)  # our own file
+        start, elapsed = ck["step"], ck["elapsed"]
+        with torch.no_grad():
+            for p in params:
+                p.copy_(ck["params"][named[id(p)]])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        batches.load_state_dict(ck["batches"])
+        if method_state is not None:
+            method_state.load_state_dict(ck["method"])
+        set_rng_state(ck["rng"])
+        run.truncate_logs(start)
+        print(f"[{desc}] resumed at step {start}/{total} from {run.checkpoint_path}")
+
+    def save(step):
+        atomic_torch_save({
+            "step": step, "elapsed": elapsed,
+            "params": {named[id(p)]: p.detach().cpu() for p in params},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "batches": batches.state_dict(), "rng": rng_state(),
+            "method": method_state.state_dict() if method_state is not None else None,
+        }, run.checkpoint_path)
+
+    reset_peak_memory(device)
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stdout)
+    step, last = start, {}
+    with stop_at_step_boundary_on_ctrl_c() as stop:
+        while step < total:
+            for batch in batches:
+                t0 = time.perf_counter()
+                stats = step_fn(step, to_device(batch, device))
+                if not math.isfinite(stats["loss"]):
+                    raise NonFiniteLoss(f"loss is {stats['loss']} at step {step}; stopping. The last good "
+                                        f"checkpoint is kept at {run.checkpoint_path} (if one was written).")
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                                           max_grad_norm)
+                current_lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)  # None grads: frozen layers get no AdamW update at all
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                last = {"step": step, **stats, "lr": current_lr, "grad_norm": float(grad_norm), "time_s": dt,
+                        "peak_mem_bytes": peak_memory_bytes(device)[0]}
+                run.log("metrics.jsonl", last)
+                step += 1
+                bar.update(1)
+                bar.set_postfix({"loss": f"{stats['loss']:.4f}", "lr": f"{current_lr:.2e}",
+                                 **({"layers": stats["layers"]} if "layers" in stats else {})}, refresh=False)
+                if (save_every and step % save_every == 0) or stop.requested:
+                    save(step)
+                if stop.requested:
+                    bar.close()
+                    print(f"\n[{desc}] interrupted after step {step}: checkpoint saved to "
+                          f"{run.checkpoint_path}; rerun the same command with --resume to continue.")
+                    raise SystemExit(130)
+                if step >= total:
+                    break
+    bar.close()
+    save(step)
+    peak, how = peak_memory_bytes(device)
+    return {"steps": total, "final_loss": last.get("loss"), "train_time_s": elapsed,
+            "peak_memory_bytes": peak, "peak_memory_gib": peak / 2**30, "peak_memory_kind": how}

@@ -1,0 +1,278 @@
+"""T-Vaccine: safety alignment with layer-wise perturbation (Liu et al., arXiv 2410.09760), plus Vaccine and SFT.
+
+    python tvaccine.py --model llama2-7b                      # the paper's setting (BeaverTails from the Hub)
+    python tvaccine.py --data-dir ../shared/data --n-align 1000 --epochs 1   # small CPU run on smollm2-135m
+
+The algorithm (SPEC section 6) is the first section below, top to bottom:
+- `layer_importance`: P_l = ||dL_h/dh_l||_F / sum_j ||dL_h/dh_j||_F on a batch of harmful data D_h.
+- `sample_layers`: gamma distinct layers drawn without replacement with probabilities P (sorted).
+- `perturbed_step`: pass 1 gives dL/dh_l for the chosen layers; eps_l = rho * g_l / ||g||_global; pass 2
+  trains the chosen layers' LoRA with h_l + eps_l (eps constant). Vaccine = all layers; SFT = no perturbation.
+- Memory: layers below min(S) run without a graph, the rest are checkpointed (flag), neither backward goes
+  below min(S), and pass 1 computes no weight gradients at all (autograd.grad on h only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm
+
+
+def layer_importance(model, batch: dict) -> torch.Tensor:
+    """P over layers: normalised Frobenius norms of dL_h/dh_l on the clean (unperturbed) model."""
+    layers = range(model.args.n_layers)
+    x, h = model.forward_hidden(batch["input_ids"], batch["attention_mask"], expose=layers)
+    grads = torch.autograd.grad(model.loss(x, batch["labels"]), [h[l] for l in layers])  # no weight gradients
+    s = torch.stack([g.float().norm() for g in grads])
+    return (s / s.sum()).cpu()  # plain normalisation, no softmax (paper, eq. 4)
+
+
+def sample_layers(P: torch.Tensor, gamma: int, generator: torch.Generator) -> list[int]:
+    """gamma distinct layers, drawn one after another with probability proportional to P among the rest."""
+    return sorted(torch.multinomial(P, gamma, replacement=False, generator=generator).tolist())
+
+
+def perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """eps_l = rho * g_l / (||g|| + 1e-7), with one global norm over all perturbed layers and the whole batch."""
+    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    return [(rho * g.float() / (norm + 1e-7)).to(g.dtype).detach() for g in grads]
+
+
+def perturbed_step(model, batch: dict, layers: list[int], rho: float) -> tuple[float, float]:
+    """Vaccine's two passes restricted to `layers`; backward of pass 2 leaves the LoRA gradients of `layers`."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    lowest = min(layers)  # nothing below it is trainable or needs a gradient
+    # Pass 1: the gradient of the loss w.r.t. the attention outputs h_l only.
+    x, h = model.forward_hidden(ids, mask, expose=layers, grad_from=lowest)
+    loss1 = model.loss(x, labels)
+    grads = torch.autograd.grad(loss1, [h[l] for l in layers])
+    eps = dict(zip(layers, perturbation(list(grads), rho)))
+    del x, h, grads
+    # Pass 2: the same batch with h_l + eps_l; the usual backward for the trainable LoRA weights.
+    x, _ = model.forward_hidden(ids, mask, perturb=eps, grad_from=lowest)
+    loss2 = model.loss(x, labels)
+    loss2.backward()
+    return loss1.item(), loss2.item()
+
+
+def sft_step(model, batch: dict) -> float:
+    x, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"])
+    loss = model.loss(x, batch["labels"])
+    loss.backward()
+    return loss.item()
+
+
+class AlignmentMethod:
+    """What one alignment step does for `sft`, `vaccine` or `tvaccine`, with the state T-Vaccine carries
+    between steps (P, S, the sampler's generator, the harmful batches); saved in every checkpoint."""
+
+    def __init__(self, model, method: str, rho: float, gamma: int, refresh_every: int, resample_every: int,
+                 harmful_batches=None, seed: int = 0, log=None):
+        self.model, self.method, self.rho, self.gamma = model, method, rho, gamma
+        self.K, self.J = refresh_every, resample_every
+        self.harmful_batches, self.log = harmful_batches, log or (lambda *a: None)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.P, self.S = None, list(range(model.args.n_layers))
+
+    def __call__(self, step: int, batch: dict) -> dict:
+        from lora import set_trainable_layers
+
+        if self.method == "sft":
+            return {"loss": sft_step(self.model, batch)}
+        if self.method == "tvaccine":
+            if step % self.K == 0 or self.P is None:
+                self.P = layer_importance(self.model, self._harmful_batch(batch["input_ids"].device))
+                self.log("importance.jsonl", {"step": step, "P": self.P.tolist()})
+            if step % self.J == 0:
+                self.S = sample_layers(self.P, self.gamma, self.generator)
+            set_trainable_layers(self.model, self.S)
+        loss1, loss2 = perturbed_step(self.model, batch, self.S, self.rho)
+        return {"loss": loss2, "loss_pass1": loss1, "layers": self.S}
+
+    def _harmful_batch(self, device) -> dict:
+        batch = next(iter(self.harmful_batches))  # Batches cycles through D_h epoch after epoch
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        return {"P": self.P, "S": self.S, "generator": self.generator.get_state(),
+                "harmful_batches": self.harmful_batches.state_dict() if self.harmful_batches else None}
+
+    def load_state_dict(self, state: dict):
+        self.P, self.S = state["P"], state["S"]
+        self.generator.set_state(state["generator"])
+        if self.harmful_batches is not None:
+            self.harmful_batches.load_state_dict(state["harmful_batches"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: every hyperparameter a flag, with the paper's default (SPEC section 2)
+
+METHODS = ("tvaccine", "vaccine", "sft")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_common_args(p: argparse.ArgumentParser, lr: float):
+    """Flags shared with attack.py (same names, same meaning)."""
+    from model import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local HF folder, .gguf file or Hub repo id")
+    p.add_argument("--data-dir", default=None, help="local data folder (e.g. ../shared/data); default: the Hub")
+    p.add_argument("--out", default=None, help="output folder (adapter, config, metrics, checkpoint)")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scaling = alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--max-len", type=int, default=200, help="truncate examples to this many tokens")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights/compute (default bf16 on GPU, "
+                   "fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing (default: on for GPU, off for CPU)")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="tvaccine", help=f"one of {', '.join(METHODS)}")
+    add_common_args(p, lr=1e-3)
+    p.add_argument("--rho", type=float, default=3.0, help="perturbation radius")
+    p.add_argument("--gamma", type=int, default=8, help="layers perturbed and trained per step (T-Vaccine)")
+    p.add_argument("--refresh-every", type=int, default=200, help="K: steps between layer-importance refreshes")
+    p.add_argument("--resample-every", type=int, default=20, help="J: steps between layer resamples")
+    p.add_argument("--harmful-batch-size", type=int, default=10, help="D_h batch for importance (reference: 1)")
+    p.add_argument("--n-align", type=int, default=2000, help="N_a: safe (prompt, refusal) pairs, D_a")
+    p.add_argument("--n-harmful", type=int, default=200, help="N_h: harmful pairs for importance, D_h")
+    args = p.parse_args(argv)
+    args.out = args.out or f"runs/align-{args.method}"
+    return args
+
+
+def check_common_args(args):
+    """Bad hyperparameters shared with attack.py fail here, before any data or weights are read."""
+    positive = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
+                "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "max_grad_norm": args.max_grad_norm}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
+    if not 0 <= args.warmup_ratio < 1 or not 0 <= args.lora_dropout < 1 or args.weight_decay < 0:
+        raise ValueError("need 0 <= --warmup-ratio < 1, 0 <= --lora-dropout < 1 and --weight-decay >= 0")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
+
+
+def check_args(args):
+    check_common_args(args)
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.rho < 0:
+        raise ValueError(f"--rho must be >= 0 (got {args.rho})")
+    for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+
+
+def count_layers(model_name: str) -> int:
+    """The model's depth from its config alone (no weights), to check gamma before loading anything."""
+    import weights
+    from model import resolve_source
+    source = resolve_source(model_name)
+    if source.suffix == ".gguf":
+        import gguf
+        reader = gguf.GGUFReader(source)
+        return int(reader.fields["llama.block_count"].contents())
+    return int(weights.read_config(source)["num_hidden_layers"])
+
+
+def load_alignment_data(args, tokenizer):
+    import data
+    rows = data.load_safety("train", args.data_dir)
+    d_a = data.alignment_set(rows, args.n_align)
+    d_h = data.harmful_set(rows, args.n_harmful) if args.method == "tvaccine" else []
+    if len(d_a) < args.batch_size:
+        raise ValueError(f"D_a has {len(d_a)} examples, fewer than one batch of {args.batch_size}")
+    if args.method == "tvaccine" and len(d_h) < args.harmful_batch_size:
+        raise ValueError(f"D_h has {len(d_h)} examples, fewer than --harmful-batch-size {args.harmful_batch_size}")
+    pad = data.pad_id_of(tokenizer)
+    batches = data.Batches(data.tokenize_dataset(tokenizer, d_a, args.max_len, "D_a"), args.batch_size, pad,
+                           seed=args.seed)
+    harmful = None
+    if d_h:
+        harmful = data.Batches(data.tokenize_dataset(tokenizer, d_h, args.max_len, "D_h"),
+                               args.harmful_batch_size, pad, seed=args.seed + 1)
+    return batches, harmful
+
+
+def prepare_model(args, adapter_to_merge: str | None = None):
+    """Load the base model, optionally fold an adapter into it, and add a fresh trainable LoRA."""
+    from lora import apply_lora, load_adapter, merge_and_unload
+    from model import load_model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpointing = args.checkpointing if args.checkpointing is not None else device.type == "cuda"
+    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=device,
+                                  checkpointing=checkpointing)
+    if adapter_to_merge:
+        load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
+        merge_and_unload(model)
+    apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+               lora_dtype=torch.float32)  # fp32 adapters over bf16 weights: AdamW updates do not round away
+    model.train()
+    return model, tokenizer
+
+
+def main(argv=None):
+    from lora import lora_parameters, save_adapter
+    from trainer import RunDir, seed_everything, train
+
+    args = parse_args(argv)
+    check_args(args)
+    n_layers = count_layers(args.model)
+    if args.method == "tvaccine" and args.gamma > n_layers:
+        raise ValueError(f"--gamma {args.gamma} exceeds the model's {n_layers} layers")
+    run = RunDir(args.out, vars(args), resume=args.resume, overwrite=args.overwrite)
+    seed_everything(args.seed)
+    model, tokenizer = prepare_model(args)
+    batches, harmful = load_alignment_data(args, tokenizer)
+    method = AlignmentMethod(model, args.method, args.rho, args.gamma, args.refresh_every, args.resample_every,
+                             harmful, seed=args.seed, log=run.log)
+    params = lora_parameters(model)
+    summary = train(model, params, batches, method, run, lr=args.lr, epochs=args.epochs,
+                    weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                    max_grad_norm=args.max_grad_norm, save_every=args.save_every, resume=args.resume,
+                    method_state=method, progress=args.progress, desc=args.method)
+    save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
+    summary.update(method=args.method, model=args.model, n_layers=n_layers)
+    run.write_summary(summary)
+    print(f"[{args.method}] done: {summary['steps']} steps in {summary['train_time_s']:.1f}s, final loss "
+          f"{summary['final_loss']:.4f}, peak memory {summary['peak_memory_gib']:.2f} GiB "
+          f"({summary['peak_memory_kind']}); adapter in {run.path / 'adapter'}")
+    return summary
+
+
+def cli(main_fn):
+    """Clear one-line errors for bad input instead of tracebacks."""
+    from trainer import NonFiniteLoss
+    from weights import CheckpointError
+    try:
+        main_fn()
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli(main)
