@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -480,6 +481,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device=None,
     return model, tok
 
 
+@functools.lru_cache(maxsize=None)  # resolve (and report a fallback) once per name per process
 def resolve_source(name_or_path: str) -> Path:
     """Map an alias / path / repo id to a local folder or .gguf file, downloading from the Hub if needed."""
     import weights
