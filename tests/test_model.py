@@ -66,7 +66,7 @@ def test_from_hf_rejects_unknown_model_type():
 def test_config_mapping_of_quirks():
     args = ModelArgs.from_hf(tiny_hf_model("gemma2").config.to_dict())
     assert args.sliding_layers == (0, 2) and args.sliding_window == 5 and args.sandwich_norm
-    assert args.attn_scale == pytest.approx(20 ** -0.5) and args.attn_softcap == 5.0 and args.final_softcap == 3.0
+    assert args.attn_scale == pytest.approx(20 ** -0.5) and args.attn_softcap == 0.05 and args.final_softcap == 0.5
     assert args.head_dim == 24 and args.n_kv_heads == 2 and args.tie_embeddings and args.act == "gelu_tanh"
     q = ModelArgs.from_hf(tiny_hf_model("qwen2").config.to_dict())
     assert q.qkv_bias and not q.o_bias and q.rope_theta == 1e6 and q.tie_embeddings
@@ -267,3 +267,17 @@ def test_a_plain_file_is_rejected(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file"):
         load_model(str(f), device="cpu")
+
+
+def test_sliding_window_and_softcaps_are_exercised(tiny_checkpoint):
+    """The gemma2 parity above would be vacuous if the window or the caps never bit: show that they do."""
+    folder, hf = tiny_checkpoint("gemma2")
+    model, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
+    ids, _, _ = batch(hf.config.vocab_size)
+    with torch.no_grad():
+        base = model(ids)
+        for field, value in (("sliding_window", 1000), ("attn_softcap", 1e6), ("final_softcap", 1e6)):
+            old = getattr(model.args, field)
+            setattr(model.args, field, value)
+            assert (model(ids) - base).abs().max() > 1e-3, field
+            setattr(model.args, field, old)
