@@ -367,12 +367,15 @@ def summary_table(results: list[dict]) -> str:
     tasks = sorted({r["task"] for r in results}, key=lambda t: (list(data.TASKS) + ["none"]).index(t))
     methods = list(dict.fromkeys(_row_name(r) for r in results))
     judges = sorted({r["judge"] for r in results})
-    head = ["method"] + [f"{t} {k}" for t in tasks for k in ("HS ↓", "FA ↑")] + ["align mem (GiB)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # task "none" = HS with no fine-tuning after the alignment: what the attack then has to undo
+    columns = [(t, k) for t in tasks for k in (("HS",) if t == "none" else ("HS", "FA"))]
+    names = {("none", "HS"): "HS before attack ↓"}
+    head = ["method"] + [names.get(c, f"{c[0]} {c[1]} {'↓' if c[1] == 'HS' else '↑'}") for c in columns]
+    lines = ["| " + " | ".join(head + ["align mem (GiB)"]) + " |", "|" + "---|" * (len(head) + 1)]
     for m in methods:
         mem = [r["peak_memory_gib"]["alignment"] for r in results
-               if _row_name(r) == m and "alignment" in r.get("peak_memory_gib", {})]
-        cells = [_cell(_values(results, m, t, k)) for t in tasks for k in ("HS", "FA")] + [_cell(mem)]
+               if _row_name(r) == m and "alignment" in r.get("peak_memory_gib", {}) and r["task"] != "none"]
+        cells = [_cell(_values(results, m, t, k)) for t, k in columns] + [_cell(mem)]
         lines.append("| " + " | ".join([m] + cells) + " |")
     lines.append(f"\nHS judge: {', '.join(judges)}" + (" (keyword = refusal-phrase proxy, not the paper's judge)"
                                                        if "keyword" in judges else ""))

@@ -294,6 +294,14 @@ def test_summary_table_means_over_seeds(tmp_path, capsys):
     assert "| sft | — | — | 50.00 | 15.00 | — |" in table and "| SFT (ours) | 60.00 | 93.00 |" in table
 
 
+def test_summary_table_shows_hs_before_the_attack(tmp_path):
+    dirs = [fake_result(tmp_path / "a", "sft", "none", 5.0, None, peak_memory_gib={"alignment": 2.0}),
+            fake_result(tmp_path / "b", "sft", "sst2", 40.0, 90.0, peak_memory_gib={"alignment": 3.0})]
+    table = ev.main(["--summarize", *dirs])
+    assert "| method | sst2 HS ↓ | sst2 FA ↑ | HS before attack ↓ | align mem (GiB) |" in table
+    assert "| sft | 40.00 | 90.00 | 5.00 | 3.00 |" in table
+
+
 def test_plot_needs_matplotlib_and_writes_pngs(setup, tmp_path, monkeypatch):
     _, _, runs, tmp = setup
     d = fake_result(tmp / "evals" / "x", "tvaccine", "sst2", 10.0, 90.0, aligned_run=str(runs["align"].parent))
