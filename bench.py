@@ -371,10 +371,6 @@ def spread(L, gamma):
     return sorted({round(i * L / gamma) for i in range(gamma)}) if gamma < L else list(range(L))
 
 
-def typical(L, gamma, seed=0):
-    return sorted(torch.randperm(L, generator=torch.Generator().manual_seed(seed))[:gamma].tolist())
-
-
 def gib(x):
     return f"{x / GiB:.2f}"
 
@@ -433,16 +429,22 @@ def section1(a):
     res = {}
     for m in METHODS:
         for st in STACKS:
-            res[m, st] = peak_memory(st, LLAMA2_7B, m, dev, spread(L, 8) if m == "tvaccine" else list(range(L)),
-                                     batch, harm)
+            try:
+                res[m, st] = peak_memory(st, LLAMA2_7B, m, dev, spread(L, 8) if m == "tvaccine" else list(range(L)),
+                                         batch, harm)
+            except torch.cuda.OutOfMemoryError:  # a GPU smaller than this stack needs
+                res[m, st] = {"peak": None}
+                torch.cuda.empty_cache()
     print("| method | " + " | ".join(f"{v} (GiB)" for v in STACKS.values()) + " | paper, 7B |")
     print("|---|" + "---|" * (len(STACKS) + 1))
     for m in METHODS:
-        print(f"| {m} | " + " | ".join(gib(res[m, st]["peak"]) for st in STACKS) + f" | {PAPER[m]} |")
+        print(f"| {m} | " + " | ".join(gib(res[m, st]["peak"]) if res[m, st]["peak"] else "out of memory"
+                                       for st in STACKS) + f" | {PAPER[m]} |")
     tv = res["tvaccine", "ours"]
-    print(f"\nThe bf16 weights alone: {gib(tv['weights'])} GiB. Ours, T-Vaccine: importance pass {gib(tv['importance'])}"
-          f" GiB, the step {gib(tv['step'])} GiB. Target T-Vaccine <= 15 GiB (a 16 GB card): "
-          f"{'met' if tv['peak'] <= 15 * GiB else 'NOT met'} ({gib(tv['peak'])} GiB).\n")
+    if tv["peak"]:
+        print(f"\nThe bf16 weights alone: {gib(tv['weights'])} GiB. Ours, T-Vaccine: importance pass "
+              f"{gib(tv['importance'])} GiB, the step {gib(tv['step'])} GiB. Target T-Vaccine <= 15 GiB (a 16 GB "
+              f"card): {'met' if tv['peak'] <= 15 * GiB else 'NOT met'} ({gib(tv['peak'])} GiB).\n")
     if dev != "meta":
         return
     depths = (2, 4, 8)
@@ -457,7 +459,8 @@ def section1(a):
         mx, my = statistics.mean(depths), statistics.mean(ys)
         b = sum((x - mx) * (y - my) for x, y in zip(depths, ys)) / sum((x - mx) ** 2 for x in depths)
         pred, meas = my + b * (L - mx), res[m, "ours"]["peak"]
-        print(f"| {m} | {gib(my - b * mx)} | {b / MiB:.1f} | {gib(pred)} | {gib(meas)} | {100 * (pred / meas - 1):+.2f}% |")
+        print(f"| {m} | {gib(my - b * mx)} | {b / MiB:.1f} | {gib(pred)} | {gib(meas)} | "
+              f"{100 * (pred / meas - 1):+.2f}% |")
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +496,7 @@ def time_model(name, a, gammas):
     L, V = ours.args.n_layers, ours.args.vocab_size
     gamma = 8 if L >= 16 else max(1, L // 4)  # on a shallow model, the paper's fraction (8 of 32)
     batch, harm = make_batch(a.batch, a.seq_len, V, 0), make_batch(a.batch, a.seq_len, V, 1)
-    harm1 = {k: v[:1, :int(0.8 * a.seq_len)] for k, v in harm.items()}  # the public code's importance: one harmful example
+    harm1 = {k: v[:1, :int(0.8 * a.seq_len)] for k, v in harm.items()}  # the public code: one harmful example
     opt_o, opt_r = make_optimizer(lora_parameters(ours)), make_optimizer([p for n, p in ref.named_parameters()
                                                                          if "lora_" in n])
     P, gen, t = layer_importance(ours, harm), torch.Generator().manual_seed(0), {}
@@ -558,19 +561,20 @@ def section2(a, gammas):
 def gamma_table(a, gammas, sweep):
     L, batch = LLAMA2_7B.n_layers, make_batch(a.batch, a.seq_len, 32000, 0, padded=False)
     dev = "meta" if a.device == "cpu" else a.device
-    print("### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M (30 layers; fp32, no checkpointing, layers "
-          "drawn from the importance P; gamma 8 from the table above, others the median of 2 draws). Memory: ours at 7B (checkpointing), one step without "
-          "the importance pass (which is the same for every gamma); worst case: S holds layer 0; typical: one "
-          "uniform draw.\n")
+    print("### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M (30 layers, fp32, no checkpointing, layers "
+          "drawn from the importance P; gamma 8 from the table above, others the median of 2 draws). Memory: ours "
+          "at 7B (checkpointing), one step without the importance pass (the same for every gamma); worst case: S "
+          "holds layer 0; typical: one uniform draw.\n")
     print("| gamma | step time, SmolLM2 (s) | 7B peak, worst case (GiB) | 7B peak, typical (GiB) | typical S |\n"
           "|---|---|---|---|---|")
     for g in gammas:
         g7, gs = min(g, L), min(g, 30)
+        typical = sorted(torch.randperm(L, generator=torch.Generator().manual_seed(0))[:g7].tolist())
         peaks = [peak_memory("ours", LLAMA2_7B, "tvaccine", dev, S, batch, batch, steps=1, importance=False)["peak"]
-                 for S in (spread(L, g7), typical(L, g7))]
+                 for S in (spread(L, g7), typical)]
         tm = f"{sweep[gs]:.2f}" if gs in sweep else "-"
         print(f"| {'all' if g >= L else g} | {tm} | {gib(peaks[0])} | {gib(peaks[1])} | "
-              f"{typical(L, g7) if g < L else 'all'} |")
+              f"{typical if g < L else 'all'} |")
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,7 +618,8 @@ def section3(a):
     print(f"## 3. Generation throughput (evaluation cost)\n\nSmolLM2-135M, fp32, {torch.get_num_threads()} threads, "
           f"{len(PROMPTS)} prompts of {min(map(len, enc))}-{T} tokens (left-padded), greedy, exactly {new} new tokens "
           f"per row on both sides (EOS never ends a row), median of {a.gen_rounds} interleaved runs.\n")
-    print("| | ours, model.generate | transformers generate | ours / HF speed | target | met |\n|---|---|---|---|---|---|")
+    print("| | ours, model.generate | transformers generate | ours / HF speed | target | met |\n"
+          "|---|---|---|---|---|---|")
     print(f"| tokens/s | {n / o:.1f} | {n / h:.1f} | {h / o:.2f}x | >= 1.0x | {'yes' if h / o >= 1 else 'NO'} |")
     print(f"| seconds | {o:.2f} | {h:.2f} | | | |\n")
 
@@ -644,9 +649,9 @@ def main(argv=None):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     load = lambda: ", ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
-    print(f"# bench.py\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu} "
-          f"({os.cpu_count()} logical), Python {platform.python_version()}"
-          f"{f', GPU: {torch.cuda.get_device_name()}' if a.device == 'cuda' else ''}; load average at start: {load()}\n")
+    gpu = f", GPU: {torch.cuda.get_device_name()}" if a.device == "cuda" else ""
+    print(f"# bench.py\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu} ({os.cpu_count()} "
+          f"logical), Python {platform.python_version()}{gpu}; load average at start: {load()}\n")
     t0 = time.perf_counter()
     if 1 in sections:
         section1(a)
