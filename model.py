@@ -162,9 +162,26 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2), fp32 as HF
+    freqs = positions.float()[..., None] * inv_freq  # (..., hd/2) per token, fp32 as HF
     emb = torch.cat((freqs, freqs), dim=-1)  # HF's half-split layout: no permutation of q/k weights needed
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]  # (..., 1, hd): every head
+
+
+class Unpadded:
+    """Where the real tokens of a padded (B, T) batch sit. Everything that works token by token (norms,
+    projections, MLP, residuals: nearly all the FLOPs) runs on the N real tokens only; attention alone
+    needs the (B, T) layout, so q/k/v are scattered into it and its output gathered back."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.B, self.T = attention_mask.shape
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened batch
+
+    def pack(self, x):  # (B, T, ...) -> (N, ...)
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x):  # (N, ...) -> (B, T, ...), zeros at the pads
+        padded = x.new_zeros(self.B * self.T, *x.shape[1:])
+        return padded.index_copy(0, self.index, x).unflatten(0, (self.B, self.T))
 
 
 def apply_rope(x, cos, sin):
@@ -198,13 +215,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, nkv * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, args.dim, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None = None, unpadded: Unpadded | None = None):
+        """x: (B, T, dim), or (N, dim) for the real tokens only when `unpadded` says where they sit."""
         a = self.args
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = self.q_proj(x).unflatten(-1, (a.n_heads, a.head_dim))  # (..., nh, hd)
+        k = self.k_proj(x).unflatten(-1, (a.n_kv_heads, a.head_dim))
+        v = self.v_proj(x).unflatten(-1, (a.n_kv_heads, a.head_dim))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if unpadded is not None:
+            q, k, v = unpadded.unpack(q), unpadded.unpack(k), unpadded.unpack(v)  # (B, T, heads, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if a.attn_softcap is None:
@@ -213,7 +233,8 @@ class Attention(nn.Module):
                                                scale=a.attn_scale, enable_gqa=a.n_kv_heads != a.n_heads)
         else:
             y = self._softcapped_attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).flatten(2)  # (B, T, nh * hd)
+        return self.o_proj(unpadded.pack(y) if unpadded is not None else y)
 
     def _softcapped_attention(self, q, k, v, mask):
         # Gemma-2 caps scores with tanh before the softmax, which SDPA cannot express: manual attention.
@@ -255,9 +276,9 @@ class Block(nn.Module):
         if self.sandwich:  # Gemma-2's four norms per block
             self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def attention(self, x, cos, sin, mask, layer, cache=None):
+    def attention(self, x, cos, sin, mask, layer, cache=None, unpadded=None):
         """h_l: the attention sub-block's output, after o_proj and before the residual add."""
-        return self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache)
+        return self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, unpadded)
 
     def add_attention(self, x, h):
         return x + (self.post_attention_layernorm(h) if self.sandwich else h)
@@ -305,6 +326,12 @@ class Transformer(nn.Module):
         perturb = perturb or {}
         B, T = input_ids.shape
         positions, masks = self._positions_and_masks(attention_mask, B, T, input_ids.device, cache)
+        # A padded batch (training, scoring) carries only its real tokens through the layers; the KV-cache path
+        # keeps the (B, T) layout. Inputs and outputs of this function are (B, T, ...) either way.
+        padded = cache is None and attention_mask is not None and not bool(attention_mask.all())
+        unpadded = Unpadded(attention_mask) if padded else None
+        if unpadded is not None:
+            input_ids, positions = unpadded.pack(input_ids), unpadded.pack(positions)
         x = self.embed_tokens(input_ids)
         if self.args.embed_scale:  # the scale is rounded to the activation dtype, as in HF Gemma
             x = x * torch.tensor(self.args.dim ** 0.5, dtype=x.dtype)
@@ -314,18 +341,27 @@ class Transformer(nn.Module):
             mask = masks[l in self.args.sliding_layers]
             with torch.set_grad_enabled(torch.is_grad_enabled() and l >= grad_from):
                 ckpt = self.checkpointing and torch.is_grad_enabled() and cache is None
-                h = _maybe_checkpoint(ckpt, block.attention, x, cos, sin, mask, l, cache)
-                if l in perturb:
-                    h = h + perturb[l].detach()
-                if l in expose:
-                    if not h.requires_grad and torch.is_grad_enabled():
-                        h.requires_grad_()  # nothing below carries a gradient: make h a leaf to differentiate
-                    exposed[l] = h
+                h = _maybe_checkpoint(ckpt, block.attention, x, cos, sin, mask, l, cache, unpadded)
+                if l in perturb or l in expose:
+                    h = self._hook_point(h, perturb.get(l), l in expose, exposed, l, unpadded)
                 x = block.add_attention(x, h)
                 x = _maybe_checkpoint(ckpt, block.feed_forward, x)
         if cache is not None:
             cache.length += T
-        return x, exposed
+        return (unpadded.unpack(x) if unpadded is not None else x), exposed
+
+    @staticmethod
+    def _hook_point(h, eps, expose: bool, exposed: dict, layer: int, unpadded: Unpadded | None):
+        """h_l + eps_l (eps a constant) and/or h_l handed out, both in the (B, T, dim) layout."""
+        if unpadded is not None:
+            h = unpadded.unpack(h)
+        if eps is not None:
+            h = h + eps.detach()
+        if expose:
+            if not h.requires_grad and torch.is_grad_enabled():
+                h.requires_grad_()  # nothing below carries a gradient: make h a leaf to differentiate
+            exposed[layer] = h
+        return unpadded.pack(h) if unpadded is not None else h
 
     def _positions_and_masks(self, attention_mask, B, T, device, cache):
         """Positions count real tokens (so left padding works); boolean masks: (global, sliding-window)."""

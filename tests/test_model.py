@@ -58,6 +58,26 @@ def test_logits_match_transformers_bf16(kind, tiny_checkpoint):
     assert diff <= 0.05 * max(scale, 1.0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])  # gemma2: sliding-window masks on the unpadded path
+def test_padded_batch_sends_only_real_tokens_through_the_layers(kind, tiny_checkpoint):
+    """Pads skip every token-wise op (the MLP sees N real rows, not B*T), and each real position equals
+    the same row run alone without any padding; exposed h_l keep the (B, T, dim) layout."""
+    folder, _ = tiny_checkpoint(kind)
+    ours, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
+    ids, right, left = batch(ours.args.vocab_size)
+    seen = []
+    ours.layers[1].mlp.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    with torch.no_grad():
+        for mask in (right, left):
+            seen.clear()
+            x, h = ours.forward_hidden(ids, mask, expose=[1])
+            assert seen == [(int(mask.sum()), ours.args.dim)] and h[1].shape == (B, T, ours.args.dim)
+            for row in range(B):
+                real = mask[row].bool()
+                alone, _ = ours.forward_hidden(ids[row, real][None])  # no mask, no padding: the plain path
+                torch.testing.assert_close(x[row, real], alone[0], atol=1e-5, rtol=1e-5)
+
+
 def test_from_hf_rejects_unknown_model_type():
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported: llama, mistral"):
         ModelArgs.from_hf({"model_type": "gpt2"})
