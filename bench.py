@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+import lora
 from data import format_prompt
 from lora import TARGETS, apply_lora, lora_parameters, set_trainable_layers
 from model import ModelArgs, Transformer, generate, load_model, rope_inv_freq, smollm2_gguf_path
@@ -150,6 +151,18 @@ def fused_sdpa_on_meta():
         yield
     finally:
         F.scaled_dot_product_attention = _sdpa
+
+
+@contextlib.contextmanager
+def gpu_dropout():
+    """LoRA dropout through F.dropout (the GPU's path, which saves a 1-byte mask) also for real CPU runs, so that
+    the CPU runs that validate the meta runs execute the same code path as meta and the GPU."""
+    fast = lora.lora_dropout
+    lora.lora_dropout = lambda x, p, training: F.dropout(x, p, training) if training and p else x
+    try:
+        yield
+    finally:
+        lora.lora_dropout = fast
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models, batches, one full step of each stack
@@ -341,7 +354,7 @@ def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat1
         mark(None)
         return {**phases, "peak": max(phases.values()), "weights": weights}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with fused_sdpa_on_meta(), LiveBytes() as mem:
+    with fused_sdpa_on_meta(), gpu_dropout(), LiveBytes() as mem:
         mem.track(*model.parameters(), *model.buffers())
         base = mem.now
         with prof if profile else contextlib.nullcontext():

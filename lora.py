@@ -38,6 +38,18 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # The adapted linear
 
 
+def lora_dropout(x, p: float, training: bool):
+    """Inverted dropout, as nn.Dropout. On the CPU, uniform draws + a comparison are twice as fast as the
+    bernoulli_ that F.dropout uses, and LoRA dropout (7 inputs per layer, each pass) is a fifth of a CPU step.
+    GPU (and meta, which stands for it in bench.py) keep F.dropout's fused kernel."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    keep = torch.rand_like(x).ge_(p).mul_(1 / (1 - p))  # 1/(1-p) with probability 1-p, else 0; in place
+    return x * keep
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + b + (alpha / r) * B(A(dropout(x))), with W and b frozen and B zero at the start."""
 
@@ -51,7 +63,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT, so B A starts at exactly zero
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA input only
+        self.dropout = dropout  # probability, on the LoRA input only
         self.merged = False    # B A already folded into weight: the LoRA path must not be added again
         self.disabled = False  # base model only (disable_lora)
 
@@ -59,8 +71,8 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
-        a = self.dropout(x).to(self.lora_A.weight.dtype)  # fp32 factors over a bf16 base: compute in fp32
-        return y + (self.lora_B(self.lora_A(a)) * self.scaling).to(y.dtype)
+        a = lora_dropout(x, self.dropout, self.training).to(self.lora_A.weight.dtype)  # fp32 factors: fp32 math
+        return y + self.lora_B(self.lora_A(a) * self.scaling).to(y.dtype)  # scale the rank-r tensor: r << out
 
     @torch.no_grad()
     def merge(self):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_modules, lora_parameters, merge_and_unload,
-                  merge_lora, save_adapter, set_trainable_layers)
+from lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_dropout, lora_modules, lora_parameters,
+                  merge_and_unload, merge_lora, save_adapter, set_trainable_layers)
 from model import load_model
 from weights import CheckpointError
 
@@ -44,6 +44,33 @@ def snapshot(model):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The adapted linear
+
+
+def test_lora_dropout_is_inverted_dropout_with_probability_p():
+    p, n = 0.1, 1_000_000
+    x = torch.full((n,), 2.0, requires_grad=True)
+    y = lora_dropout(x, p, training=True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / n) ** 0.5  # binomial: within 4 sigma
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 / (1 - p)))  # kept values scaled by 1/(1-p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach() / 2.0)  # dy/dx = mask / (1-p), by hand
+    assert lora_dropout(x, p, training=False) is x and lora_dropout(x, 0.0, training=True) is x
+
+
+def test_lora_forward_with_dropout_is_the_hand_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    lora = LoRALinear(base, rank=4, alpha=8, dropout=0.3).train()
+    torch.nn.init.normal_(lora.lora_B.weight)
+    x = torch.randn(5, 16)
+    torch.manual_seed(1)
+    dropped = lora_dropout(x, 0.3, training=True)  # the same draw the module makes after the same seed
+    torch.manual_seed(1)
+    got = lora(x)
+    want = x @ base.weight.T + base.bias + (8 / 4) * dropped @ lora.lora_A.weight.T @ lora.lora_B.weight.T
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: base biases on q/k/v must stay in place
