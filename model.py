@@ -315,15 +315,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     # -- the layer loop ------------------------------------------------------------------------------------------
-    def forward_hidden(self, input_ids, attention_mask=None, *, expose=(), perturb=None, grad_from: int = 0,
-                       cache: KVCache | None = None):
+    def forward_hidden(self, input_ids, attention_mask=None, *, expose=(), perturb=None, on_grad=None,
+                       grad_from: int = 0, cache: KVCache | None = None):
         """Run the decoder; return (hidden states before the final norm, {l: h_l for l in expose}).
 
         expose:    layers whose attention output h_l is returned, inside the autograd graph.
         perturb:   {l: eps_l} added to h_l as constants (no gradient flows into eps).
+        on_grad:   {l: fn}: backward calls fn(dL/dh_l) when it reaches h_l; h_l itself is not kept alive.
         grad_from: layers below this index run under no_grad (nothing below needs a gradient).
         """
-        perturb = perturb or {}
+        perturb, on_grad = perturb or {}, on_grad or {}
         B, T = input_ids.shape
         positions, masks = self._positions_and_masks(attention_mask, B, T, input_ids.device, cache)
         # A padded batch (training, scoring) carries only its real tokens through the layers; the KV-cache path
@@ -342,8 +343,8 @@ class Transformer(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and l >= grad_from):
                 ckpt = self.checkpointing and torch.is_grad_enabled() and cache is None
                 h = _maybe_checkpoint(ckpt, block.attention, x, cos, sin, mask, l, cache, unpadded)
-                if l in perturb or l in expose:
-                    h = self._hook_point(h, perturb.get(l), l in expose, exposed, l, unpadded)
+                if l in perturb or l in expose or l in on_grad:
+                    h = self._hook_point(h, perturb.get(l), l in expose, on_grad.get(l), exposed, l, unpadded)
                 x = block.add_attention(x, h)
                 x = _maybe_checkpoint(ckpt, block.feed_forward, x)
         if cache is not None:
@@ -351,16 +352,18 @@ class Transformer(nn.Module):
         return (unpadded.unpack(x) if unpadded is not None else x), exposed
 
     @staticmethod
-    def _hook_point(h, eps, expose: bool, exposed: dict, layer: int, unpadded: Unpadded | None):
-        """h_l + eps_l (eps a constant) and/or h_l handed out, both in the (B, T, dim) layout."""
+    def _hook_point(h, eps, expose: bool, grad_fn, exposed: dict, layer: int, unpadded: Unpadded | None):
+        """h_l + eps_l (eps a constant), h_l handed out, or a hook on its gradient; all in the (B, T, dim) layout."""
         if unpadded is not None:
             h = unpadded.unpack(h)
         if eps is not None:
             h = h + eps.detach()
+        if (expose or grad_fn) and not h.requires_grad and torch.is_grad_enabled():
+            h.requires_grad_()  # nothing below carries a gradient: make h a leaf to differentiate
         if expose:
-            if not h.requires_grad and torch.is_grad_enabled():
-                h.requires_grad_()  # nothing below carries a gradient: make h a leaf to differentiate
             exposed[layer] = h
+        if grad_fn is not None and h.requires_grad:
+            h.register_hook(grad_fn)
         return unpadded.pack(h) if unpadded is not None else h
 
     def _positions_and_masks(self, attention_mask, B, T, device, cache):

@@ -301,3 +301,23 @@ def test_sliding_window_and_softcaps_are_exercised(tiny_checkpoint):
             setattr(model.args, field, value)
             assert (model(ids) - base).abs().max() > 1e-3, field
             setattr(model.args, field, old)
+
+
+def test_on_grad_hooks_get_dl_dh_without_keeping_h(tiny_checkpoint):
+    """on_grad (the importance pass) receives the same dL/dh_l as autograd.grad on exposed h_l, and the forward
+    hands out no h_l for the hooked layers."""
+    folder, hf = tiny_checkpoint("llama")
+    model, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
+    model.requires_grad_(False)  # nothing trainable: h_0 becomes the leaf the backward stops at
+    ids, right, _ = batch(hf.config.vocab_size)
+    labels = ids.masked_fill(right == 0, -100)
+    x, exposed = model.forward_hidden(ids, right, expose=(0, 1, 2))
+    ref = torch.autograd.grad(model.loss(x, labels), [exposed[l] for l in range(3)])
+    seen = {}
+    hooks = {l: (lambda g, l=l: seen.__setitem__(l, g)) for l in (1, 2)}
+    x, exposed = model.forward_hidden(ids, right, expose=[0], on_grad=hooks)
+    assert set(exposed) == {0}
+    (g0,) = torch.autograd.grad(model.loss(x, labels), [exposed[0]])
+    torch.testing.assert_close(g0, ref[0])
+    for l in (1, 2):
+        torch.testing.assert_close(seen[l], ref[l])
