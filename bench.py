@@ -384,6 +384,11 @@ def spread(L, gamma):
     return sorted({round(i * L / gamma) for i in range(gamma)}) if gamma < L else list(range(L))
 
 
+def uniform_layers(L, gamma, seed=0):
+    """gamma of L layers drawn uniformly (a model whose importance is flat), sorted."""
+    return sorted(torch.randperm(L, generator=torch.Generator().manual_seed(seed))[:gamma].tolist())
+
+
 def gib(x):
     return f"{x / GiB:.2f}"
 
@@ -528,11 +533,14 @@ def time_model(name, a, gammas):
         keep(("ref", "importance"), timed(ref_importance, ref, harm1))
         keep(("ours10", "importance"), timed(layer_importance, ours, harm))
     med = {k: statistics.median(v) for k, v in t.items()}
-    sweep = {gamma: med["ours", "tvaccine"]} if name == "smollm2" else {}
-    for g in sorted({min(g, L) for g in gammas} - {gamma}) if sweep else ():
-        sweep[g] = statistics.median(timed(ours_step, ours, opt_o, "tvaccine", batch, sample_layers(P, g, gen))
-                                     for _ in range(2))
-    info = (L, gamma, int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()))
+    sweep = {}  # gamma -> (step time with S drawn from P, step time with S drawn uniformly, that uniform S)
+    for g in sorted({min(g, L) for g in gammas}) if name == "smollm2" else ():
+        from_p = med["ours", "tvaccine"] if g == gamma else statistics.median(
+            timed(ours_step, ours, opt_o, "tvaccine", batch, sample_layers(P, g, gen)) for _ in range(2))
+        uniform = uniform_layers(L, g)
+        sweep[g] = from_p, statistics.median(timed(ours_step, ours, opt_o, "tvaccine", batch, uniform)
+                                             for _ in range(2)), uniform
+    info = (L, gamma, int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum()), float(P[0]))
     return med, sweep, info
 
 
@@ -549,8 +557,10 @@ def section2(a, gammas):
           "| checkpointing overhead |\n|---|---|---|---|---|---|---|---|---|")
     sweep, notes = {}, []
     for name in a.models:
-        med, sw, (L, gamma, real, answers) = time_model(name, a, gammas)
+        med, sw, (L, gamma, real, answers, p0) = time_model(name, a, gammas)
         sweep.update(sw)
+        if name == "smollm2":
+            sweep["P0"] = p0
         label = f"{'SmolLM2-135M' if name == 'smollm2' else f'random Llama, dim {MID.dim}'} ({L} layers)"
         for m in METHODS:
             o, r, c, tgt = med["ours", m], med["ref", m], med.get(("ckpt", m)), TARGET.get(m)
@@ -574,20 +584,23 @@ def section2(a, gammas):
 def gamma_table(a, gammas, sweep):
     L, batch = LLAMA2_7B.n_layers, make_batch(a.batch, a.seq_len, 32000, 0, padded=False)
     dev = "meta" if a.device == "cpu" else a.device
-    print("### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M (30 layers, fp32, no checkpointing, layers "
-          "drawn from the importance P; gamma 8 from the table above, others the median of 2 draws). Memory: ours "
-          "at 7B (checkpointing), one step without the importance pass (the same for every gamma); worst case: S "
-          "holds layer 0; typical: one uniform draw.\n")
-    print("| gamma | step time, SmolLM2 (s) | 7B peak, worst case (GiB) | 7B peak, typical (GiB) | typical S |\n"
-          "|---|---|---|---|---|")
+    print("### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M (30 layers, fp32, no checkpointing, the "
+          f"batch above), S drawn from SmolLM2's importance P (P_0 = {sweep.get('P0', float('nan')):.2f} on this "
+          "batch) and S drawn uniformly (a flat P); the backward stops at min(S). Median of 2 steps (gamma 8 from P: "
+          "the table above). Memory: ours at 7B (checkpointing), one step without the importance pass (the same for "
+          "every gamma), S holding layer 0 (the worst case) and a uniform draw of S.\n")
+    print("| gamma | step (s), S from P | step (s), uniform S | uniform S on SmolLM2 | 7B peak (GiB), worst case | "
+          "7B peak (GiB), uniform S | uniform S at 7B |\n|---|---|---|---|---|---|---|")
     for g in gammas:
         g7, gs = min(g, L), min(g, 30)
-        typical = sorted(torch.randperm(L, generator=torch.Generator().manual_seed(0))[:g7].tolist())
+        uniform = uniform_layers(L, g7)
         peaks = [peak_memory("ours", LLAMA2_7B, "tvaccine", dev, S, batch, batch, steps=1, importance=False)["peak"]
-                 for S in (spread(L, g7), typical)]
-        tm = f"{sweep[gs]:.2f}" if gs in sweep else "-"
-        print(f"| {'all' if g >= L else g} | {tm} | {gib(peaks[0])} | {gib(peaks[1])} | "
-              f"{typical if g < L else 'all'} |")
+                 for S in (spread(L, g7), uniform)]
+        p_time, u_time, u_small = (f"{sweep[gs][0]:.2f}", f"{sweep[gs][1]:.2f}", sweep[gs][2]) if gs in sweep \
+            else ("-", "-", "-")
+        everything = g >= L
+        print(f"| {'all' if everything else g} | {p_time} | {u_time} | {'all' if everything else u_small} | "
+              f"{gib(peaks[0])} | {gib(peaks[1])} | {'all' if everything else uniform} |")
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,7 +664,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=10, help="sections 1-2: batch size")
     p.add_argument("--seq-len", type=int, default=200, help="sections 1-2: tokens per row")
     p.add_argument("--new-tokens", type=int, default=128, help="section 3: new tokens per row")
-    p.add_argument("--gen-rounds", type=int, default=1, help="section 3: timed generations per side")
+    p.add_argument("--gen-rounds", type=int, default=3, help="section 3: timed generations per side")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
     if a.threads:
