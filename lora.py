@@ -46,8 +46,10 @@ def lora_dropout(x, p: float, training: bool):
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    keep = torch.rand_like(x).ge_(p).mul_(1 / (1 - p))  # 1/(1-p) with probability 1-p, else 0; in place
-    return x * keep
+    # 1/(1-p) with probability 1-p, else 0. Drawn in fp32 whatever x's dtype: bf16 uniforms are too coarse
+    # (P(drop) would be 0.102, not 0.1). The product is rounded once to x's dtype, as a GPU kernel does.
+    keep = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p))
+    return (x * keep).to(x.dtype)
 
 
 class LoRALinear(nn.Module):

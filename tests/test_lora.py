@@ -46,16 +46,19 @@ def snapshot(model):
 # The adapted linear
 
 
-def test_lora_dropout_is_inverted_dropout_with_probability_p():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_is_inverted_dropout_with_probability_p(dtype):
     p, n = 0.1, 1_000_000
-    x = torch.full((n,), 2.0, requires_grad=True)
+    x = torch.full((n,), 2.0, dtype=dtype, requires_grad=True)
     y = lora_dropout(x, p, training=True)
+    assert y.dtype == dtype
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / n) ** 0.5  # binomial: within 4 sigma
     kept = y[y != 0]
-    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 / (1 - p)))  # kept values scaled by 1/(1-p)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach() / 2.0)  # dy/dx = mask / (1-p), by hand
+    want = torch.tensor(2.0 / (1 - p)).to(dtype)  # kept values scaled by 1/(1-p), rounded once
+    assert torch.equal(kept, torch.full_like(kept, want.item()))
+    y.float().sum().backward()
+    torch.testing.assert_close(x.grad, (y.detach().float() / 2.0).to(dtype))  # dy/dx = mask / (1-p), by hand
     assert lora_dropout(x, p, training=False) is x and lora_dropout(x, 0.0, training=True) is x
 
 
