@@ -555,12 +555,11 @@ def section2(a, gammas):
           "on both sides each round (from our importance P).\n")
     print("| model | method | ours (s) | reference HF+peft (s) | ours / ref | target | met | ours + checkpointing (s) "
           "| checkpointing overhead |\n|---|---|---|---|---|---|---|---|---|")
-    sweep, notes = {}, []
+    smollm2, notes = None, []  # (gamma sweep, number of layers, P_0) of SmolLM2, for the gamma table
     for name in a.models:
-        med, sw, (L, gamma, real, answers, p0) = time_model(name, a, gammas)
-        sweep.update(sw)
+        med, sweep, (L, gamma, real, answers, p0) = time_model(name, a, gammas)
         if name == "smollm2":
-            sweep["P0"] = p0
+            smollm2 = sweep, L, p0
         label = f"{'SmolLM2-135M' if name == 'smollm2' else f'random Llama, dim {MID.dim}'} ({L} layers)"
         for m in METHODS:
             o, r, c, tgt = med["ours", m], med["ref", m], med.get(("ckpt", m)), TARGET.get(m)
@@ -578,21 +577,23 @@ def section2(a, gammas):
         print("The issue author's reference-stack figures on SmolLM2 (2 cores, fp32): " +
               ", ".join(f"{m} {s} s" for m, s in AUTHOR_REF.items()) + ".")
     print()
-    return sweep
+    return smollm2
 
 
-def gamma_table(a, gammas, sweep):
+def gamma_table(a, gammas, smollm2):
+    """smollm2: (gamma sweep, layers, P_0) from section 2, or None when SmolLM2 was not timed."""
     L, batch = LLAMA2_7B.n_layers, make_batch(a.batch, a.seq_len, 32000, 0, padded=False)
     dev = "meta" if a.device == "cpu" else a.device
-    print("### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M (30 layers, fp32, no checkpointing, the "
-          f"batch above), S drawn from SmolLM2's importance P (P_0 = {sweep.get('P0', float('nan')):.2f} on this "
+    sweep, small_L, p0 = smollm2 or ({}, 0, float("nan"))
+    print(f"### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M ({small_L} layers, fp32, no checkpointing, "
+          f"the batch above), S drawn from SmolLM2's importance P (P_0 = {p0:.2f} on this "
           "batch) and S drawn uniformly (a flat P); the backward stops at min(S). Median of 2 steps (gamma 8 from P: "
           "the table above). Memory: ours at 7B (checkpointing), one step without the importance pass (the same for "
           "every gamma), S holding layer 0 (the worst case) and a uniform draw of S.\n")
     print("| gamma | step (s), S from P | step (s), uniform S | uniform S on SmolLM2 | 7B peak (GiB), worst case | "
           "7B peak (GiB), uniform S | uniform S at 7B |\n|---|---|---|---|---|---|---|")
     for g in gammas:
-        g7, gs = min(g, L), min(g, 30)
+        g7, gs = min(g, L), min(g, small_L)
         uniform = uniform_layers(L, g7)
         peaks = [peak_memory("ours", LLAMA2_7B, "tvaccine", dev, S, batch, batch, steps=1, importance=False)["peak"]
                  for S in (spread(L, g7), uniform)]
@@ -681,9 +682,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     if 1 in sections:
         section1(a)
-    sweep = section2(a, gammas) if 2 in sections else {}
+    smollm2 = section2(a, gammas) if 2 in sections else None
     if gammas and sections & {1, 2}:
-        gamma_table(a, gammas, sweep)
+        gamma_table(a, gammas, smollm2)
     if 3 in sections:
         section3(a)
     print(f"Total time: {(time.perf_counter() - t0) / 60:.1f} min; load average at the end: {load()}.")

@@ -330,7 +330,7 @@ class Transformer(nn.Module):
         # A padded batch (training, scoring) carries only its real tokens through the layers; the KV-cache path
         # keeps the (B, T) layout. Inputs and outputs of this function are (B, T, ...) either way.
         padded = cache is None and attention_mask is not None and not bool(attention_mask.all())
-        unpadded = Unpadded(attention_mask) if padded else None
+        unpadded = Unpadded(attention_mask) if padded else None  # None: every position is a real token
         if unpadded is not None:
             input_ids, positions = unpadded.pack(input_ids), unpadded.pack(positions)
         x = self.embed_tokens(input_ids)
