@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import signal
@@ -82,8 +83,29 @@ def atomic_write_text(path: Path, text: str):
 
 def atomic_torch_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave a renamed, empty file
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+class UnsafeCheckpoint(RuntimeError):
+    pass
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint with torch's safe unpickler: tensors, plain containers and numbers only.
+
+    A run folder is something people copy and share; a pickle that names any other object (a function, a
+    class, numpy's array reconstructor...) could run code when loaded, so it is refused, not trusted."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{path} is not a plain checkpoint (tensors, lists, dicts, numbers) and was not "
+                               f"loaded: it may have been written by another program or tampered with. Delete it "
+                               f"and start over without --resume if you do not trust it. ({str(e).splitlines()[0]})"
+                               ) from e
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +124,13 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG a step draws from, as tensors and plain lists (loadable with weights_only=True)."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -110,8 +138,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -185,7 +216,7 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
     named = {id(p): n for n, p in model.named_parameters()}
     start, elapsed = 0, 0.0
     if resume and run.checkpoint_path.exists():
-        ck = torch.load(run.checkpoint_path, map_location="cpu", weights_only=False)  # our own file
+        ck = load_checkpoint(run.checkpoint_path)
         start, elapsed = ck["step"], ck["elapsed"]
         with torch.no_grad():
             for p in params:

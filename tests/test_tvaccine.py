@@ -138,20 +138,53 @@ def test_tvaccine_step_matches_a_plain_reference_step(pair, checkpointing):
 
     assert loss1 == pytest.approx(loss.item(), abs=1e-5) and loss2 == pytest.approx(loss_p.item(), abs=1e-5)
     assert set(got) == set(want) and len(want) == 2 * 7 * 2
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+    for n in want:  # fp32 sums over a few hundred terms differ by ~1e-6 of the tensor's scale between kernels
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=grad_atol(want[n]))
 
-    # and one AdamW step on both sides gives the same parameters
-    opt_ours = torch.optim.AdamW(lora_parameters(ours), lr=1e-2, weight_decay=0.1)
+    # and one AdamW step on both sides gives the same parameters where the step is numerically determined
+    lr, wd = 1e-2, 0.1
     ref_params = {n.replace("base_model.model.model.", "").replace(".default", ""): p
                   for n, p in ref.named_parameters() if "lora_" in n}
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if "lora_" in n}
+    opt_ours = torch.optim.AdamW(lora_parameters(ours), lr=lr, weight_decay=wd)
     for n, p in ref_params.items():
         p.grad = want.get(n)
-    opt_ref = torch.optim.AdamW(list(ref_params.values()), lr=1e-2, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(list(ref_params.values()), lr=lr, weight_decay=wd)
     opt_ours.step(), opt_ref.step()
+    assert_same_first_adam_step(ours, ref_params, before, got, want, lr, wd)
+
+
+def grad_atol(g: torch.Tensor) -> float:
+    """Absolute gradient tolerance: 1e-5 of the tensor's largest entry. Float32 rounding differs between two
+    implementations (and CPU kernels, thread counts) by about 1e-7 relative per accumulated sum; the observed
+    gap here is ~5e-7 of the largest entry, so this leaves a 20x margin."""
+    return 1e-5 * float(g.abs().max())
+
+
+def assert_same_first_adam_step(ours, ref_params, before, got, grads, lr, wd, adam_eps=1e-8):
+    """AdamW's first step moves each element by u = lr * g / (|g| + eps) after the decay: about lr * sign(g).
+
+    A gradient error d (bounded by the tolerance above) changes u by at most lr * d * eps / |g|^2, and can flip
+    its sign when |g| <= d. So the step is determined by the maths only where |g| > d and that bound is below
+    1e-6: there both sides must agree to 2e-6. Elsewhere float noise, which differs between CPU kernels and
+    thread counts, decides the step; we only check Adam's own bound |step| <= lr on both sides."""
+    checked = total = 0
     for n, p in ours.named_parameters():
-        if "lora_" in n:
-            torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=1e-6)  # Adam normalises tiny grads
+        if "lora_" not in n:
+            continue
+        g = grads.get(n)
+        if g is None:  # a frozen layer: AdamW skips it, no decay either
+            assert torch.equal(p, before[n]) and torch.equal(ref_params[n], before[n])
+            continue
+        d = grad_atol(g) + 1e-4 * g.abs()
+        determined = (g.abs() > d) & (lr * d * adam_eps / g.pow(2) <= 1e-6)
+        determined |= (g == 0) & (got[n] == 0)  # exact zeros on both sides: the step is the decay alone
+        torch.testing.assert_close(p[determined], ref_params[n][determined], rtol=0, atol=2e-6)
+        decayed = before[n] * (1 - lr * wd)
+        for side in (p, ref_params[n]):
+            assert ((side - decayed).abs() <= lr * (1 + 1e-5)).all()  # Adam's first step never exceeds lr
+        checked, total = checked + int(determined.sum()), total + g.numel()
+    assert checked > 0.95 * total  # the undetermined elements are the exception, not the rule
 
 
 def test_freezing_changes_only_the_selected_layers(pair):
@@ -207,7 +240,7 @@ def test_resume_after_interrupt_gives_bitwise_the_same_adapter(tiny_checkpoint, 
     with pytest.raises(SystemExit):
         tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut"))
     monkeypatch.setattr(tvaccine, "perturbed_step", real)
-    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 6  # the step in flight was finished, then saved
     tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut", "--resume"))
     full, cut = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "cut")
@@ -281,4 +314,4 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, tmp_
     monkeypatch.setattr(tvaccine, "perturbed_step", poisoned)
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 3"):
         tvaccine.main(cli_args(folder, data_dir, tmp_path / "out"))
-    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == 2
