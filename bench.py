@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 import weakref
@@ -357,10 +358,31 @@ def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat1
     with fused_sdpa_on_meta(), gpu_dropout(), LiveBytes() as mem:
         mem.track(*model.parameters(), *model.buffers())
         base = mem.now
-        with prof if profile else contextlib.nullcontext():
+        with without_profiler_notes(), prof if profile else contextlib.nullcontext():
             run(mem.mark)
     return {**mem.phases, "peak": mem.peak, "weights": weights,
             **({"allocator": base + allocator_peak(prof)} if profile else {})}
+
+
+@contextlib.contextmanager
+def without_profiler_notes():
+    """The profiler's C++ side prints 'USDT: ... profiler_start/stop' notes on stderr (fd 2, below Python, with
+    no switch to turn them off) that would land between the tables. Catch fd 2 meanwhile and pass on every
+    other line, so real warnings and errors are still seen."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not line.startswith(("USDT:", "STAGE:")):
+                    sys.stderr.write(line)
 
 
 def allocator_peak(prof):
@@ -581,27 +603,38 @@ def section2(a, gammas):
 
 
 def gamma_table(a, gammas, smollm2):
-    """smollm2: (gamma sweep, layers, P_0) from section 2, or None when SmolLM2 was not timed."""
+    """smollm2: (gamma sweep, layers, P_0) from section 2, or None when section 2 did not run: then the table
+    holds the 7B memory columns only, and says so."""
     L, batch = LLAMA2_7B.n_layers, make_batch(a.batch, a.seq_len, 32000, 0, padded=False)
     dev = "meta" if a.device == "cpu" else a.device
-    sweep, small_L, p0 = smollm2 or ({}, 0, float("nan"))
-    print(f"### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M ({small_L} layers, fp32, no checkpointing, "
-          f"the batch above), S drawn from SmolLM2's importance P (P_0 = {p0:.2f} on this "
-          "batch) and S drawn uniformly (a flat P); the backward stops at min(S). Median of 2 steps (gamma 8 from P: "
-          "the table above). Memory: ours at 7B (checkpointing), one step without the importance pass (the same for "
-          "every gamma), S holding layer 0 (the worst case) and a uniform draw of S.\n")
-    print("| gamma | step (s), S from P | step (s), uniform S | uniform S on SmolLM2 | 7B peak (GiB), worst case | "
-          "7B peak (GiB), uniform S | uniform S at 7B |\n|---|---|---|---|---|---|---|")
+    timed = smollm2 is not None
+    memory_note = ("Memory: ours at 7B (checkpointing), one step without the importance pass (the same for every "
+                   "gamma), S holding layer 0 (the worst case) and a uniform draw of S.\n")
+    if timed:
+        sweep, small_L, p0 = smollm2
+        print(f"### T-Vaccine against gamma\n\nStep time: ours on SmolLM2-135M ({small_L} layers, fp32, no "
+              f"checkpointing, the batch above), S drawn from SmolLM2's importance P (P_0 = {p0:.2f} on this batch) "
+              "and S drawn uniformly (a flat P); the backward stops at min(S). Median of 2 steps (gamma 8 from P: "
+              "the table above). " + memory_note)
+    else:
+        print("### T-Vaccine against gamma\n\nSection 2 was not run, so there are no SmolLM2 step times here "
+              "(`--sections 1,2` adds them). " + memory_note)
+    time_cols = ["step (s), S from P", "step (s), uniform S", "uniform S on SmolLM2"] if timed else []
+    cols = ["gamma", *time_cols, "7B peak (GiB), worst case", "7B peak (GiB), uniform S", "uniform S at 7B"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for g in gammas:
-        g7, gs = min(g, L), min(g, small_L)
+        g7, everything = min(g, L), g >= L
         uniform = uniform_layers(L, g7)
         peaks = [peak_memory("ours", LLAMA2_7B, "tvaccine", dev, S, batch, batch, steps=1, importance=False)["peak"]
                  for S in (spread(L, g7), uniform)]
-        p_time, u_time, u_small = (f"{sweep[gs][0]:.2f}", f"{sweep[gs][1]:.2f}", sweep[gs][2]) if gs in sweep \
-            else ("-", "-", "-")
-        everything = g >= L
-        print(f"| {'all' if everything else g} | {p_time} | {u_time} | {'all' if everything else u_small} | "
-              f"{gib(peaks[0])} | {gib(peaks[1])} | {'all' if everything else uniform} |")
+        cells = ["all" if everything else str(g)]
+        if timed:
+            gs = min(g, small_L)
+            p_time, u_time, u_small = (f"{sweep[gs][0]:.2f}", f"{sweep[gs][1]:.2f}", sweep[gs][2]) if gs in sweep \
+                else ("-", "-", "-")
+            cells += [p_time, u_time, "all" if everything else str(u_small)]
+        cells += [gib(peaks[0]), gib(peaks[1]), "all" if everything else str(uniform)]
+        print("| " + " | ".join(cells) + " |")
     print()
 
 # ----------------------------------------------------------------------------------------------------------------

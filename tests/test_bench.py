@@ -54,3 +54,26 @@ def test_meta_run_reproduces_the_real_cpu_peak(one_thread, stack, method):
     assert abs(real["peak"] / real["allocator"] - 1) < 0.05  # the CPU allocator (+ kernel scratch) agrees
     if method == "tvaccine":
         assert set(real) >= {"importance", "step"}
+
+
+def test_profiler_notes_are_kept_out_of_the_output_and_other_stderr_lines_are_not(capfd):
+    import os
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with bench.without_profiler_notes(), prof:
+        torch.ones(8).sum()
+        os.write(2, b"a real warning\n")
+    err = capfd.readouterr().err
+    assert "a real warning" in err
+    assert "USDT" not in err and "profiler_start" not in err
+
+
+def test_gamma_table_without_section_2_prints_only_what_was_measured(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "peak_memory", lambda *a, **kw: {"peak": 3 * 2**30})  # the table layout only
+    a = type("A", (), {"batch": 2, "seq_len": 8, "device": "cpu"})()
+    bench.gamma_table(a, [2, 64], None)
+    out = capsys.readouterr().out
+    assert "nan" not in out and "0 layers" not in out and "Section 2 was not run" in out
+    header, rule, *rows = [l for l in out.splitlines() if l.startswith("|")]
+    assert "step (s)" not in header and len(rows) == 2
+    assert all(len(r.split("|")) == len(header.split("|")) for r in rows)
+    assert rows[1].startswith("| all | 3.00 | 3.00 | all |")
