@@ -181,7 +181,7 @@ def random_state(args_repr: str, device: str, dtype) -> dict:
 
 
 def build_ours(args, device, dtype, checkpointing, state=None):
-    """Our Transformer + LoRA with fp32 factors (as tvaccine.prepare_model)."""
+    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model)."""
     with torch.device("meta"):
         model = Transformer(args, checkpointing=checkpointing).to(dtype)
     if str(device) != "meta":

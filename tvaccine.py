@@ -14,12 +14,10 @@ The algorithm (SPEC section 6) is the first section below, top to bottom:
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
 import torch
+
+from trainer import add_common_args, check_common_args, cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm
@@ -119,35 +117,6 @@ class AlignmentMethod:
 # Command line: every hyperparameter a flag, with the paper's default (SPEC section 2)
 
 METHODS = ("tvaccine", "vaccine", "sft")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def add_common_args(p: argparse.ArgumentParser, lr: float):
-    """Flags shared with attack.py (same names, same meaning)."""
-    from model import DEFAULT_MODEL
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local HF folder, .gguf file or Hub repo id")
-    p.add_argument("--data-dir", default=None, help="local data folder (e.g. ../shared/data); default: the Hub")
-    p.add_argument("--out", default=None, help="output folder (adapter, config, metrics, checkpoint)")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scaling = alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.1)
-    p.add_argument("--max-len", type=int, default=200, help="truncate examples to this many tokens")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights/compute (default bf16 on GPU, "
-                   "fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation checkpointing (default: on for GPU, off for CPU)")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,19 +135,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_common_args(args):
-    """Bad hyperparameters shared with attack.py fail here, before any data or weights are read."""
-    positive = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
-                "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "max_grad_norm": args.max_grad_norm}
-    for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
-    if not 0 <= args.warmup_ratio < 1 or not 0 <= args.lora_dropout < 1 or args.weight_decay < 0:
-        raise ValueError("need 0 <= --warmup-ratio < 1, 0 <= --lora-dropout < 1 and --weight-decay >= 0")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
-
-
 def check_args(args):
     check_common_args(args)
     if args.method not in METHODS:
@@ -188,18 +144,6 @@ def check_args(args):
     for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-
-
-def count_layers(model_name: str) -> int:
-    """The model's depth from its config alone (no weights), to check gamma before loading anything."""
-    import weights
-    from model import resolve_source
-    source = resolve_source(model_name)
-    if source.suffix == ".gguf":
-        import gguf
-        reader = gguf.GGUFReader(source)
-        return int(reader.fields["llama.block_count"].contents())
-    return int(weights.read_config(source)["num_hidden_layers"])
 
 
 def load_alignment_data(args, tokenizer):
@@ -221,26 +165,9 @@ def load_alignment_data(args, tokenizer):
     return batches, harmful
 
 
-def prepare_model(args, adapter_to_merge: str | None = None):
-    """Load the base model, optionally fold an adapter into it, and add a fresh trainable LoRA."""
-    from lora import apply_lora, load_adapter, merge_and_unload
-    from model import load_model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpointing = args.checkpointing if args.checkpointing is not None else device.type == "cuda"
-    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=device,
-                                  checkpointing=checkpointing)
-    if adapter_to_merge:
-        load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
-        merge_and_unload(model)
-    apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-               lora_dtype=torch.float32)  # fp32 adapters over bf16 weights: AdamW updates do not round away
-    model.train()
-    return model, tokenizer
-
-
 def main(argv=None):
     from lora import lora_parameters, save_adapter
-    from trainer import RunDir, seed_everything, train
+    from trainer import RunDir, count_layers, prepare_model, seed_everything, train
 
     args = parse_args(argv)
     check_args(args)
@@ -265,17 +192,6 @@ def main(argv=None):
           f"{summary['final_loss']:.4f}, peak memory {summary['peak_memory_gib']:.2f} GiB "
           f"({summary['peak_memory_kind']}); adapter in {run.path / 'adapter'}")
     return summary
-
-
-def cli(main_fn):
-    """Clear one-line errors for bad input instead of tracebacks."""
-    from trainer import NonFiniteLoss
-    from weights import CheckpointError
-    try:
-        main_fn()
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
