@@ -1,7 +1,9 @@
-"""T-Vaccine: safety alignment with layer-wise perturbation (Liu et al., arXiv 2410.09760), plus Vaccine and SFT.
+"""T-Vaccine: safety alignment with layer-wise perturbation (Liu et al., arXiv 2410.09760), plus Vaccine and SFT;
+the alignment command, which also runs the other defences of the paper's comparison (defences.py: RepNoise, TAR).
 
     python tvaccine.py --model llama2-7b                      # the paper's setting (BeaverTails from the Hub)
     python tvaccine.py --data-dir ../shared/data --n-align 1000 --epochs 1   # small CPU run on smollm2-135m
+    python tvaccine.py --model llama2-7b --method repnoise    # or tar: the baselines, same data, LoRA, outputs
 
 The algorithm (SPEC section 6) is the first section below, top to bottom:
 - `layer_importance`: P_l = ||dL_h/dh_l||_F / sum_j ||dL_h/dh_j||_F on a batch of harmful data D_h.
@@ -116,7 +118,8 @@ class AlignmentMethod:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: every hyperparameter a flag, with the paper's default (SPEC section 2)
 
-METHODS = ("tvaccine", "vaccine", "sft")
+METHODS = ("tvaccine", "vaccine", "sft", "repnoise", "tar")
+NEEDS_HARMFUL = ("tvaccine", "repnoise", "tar")  # methods that draw batches of D_h
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,9 +130,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=8, help="layers perturbed and trained per step (T-Vaccine)")
     p.add_argument("--refresh-every", type=int, default=200, help="K: steps between layer-importance refreshes")
     p.add_argument("--resample-every", type=int, default=20, help="J: steps between layer resamples")
-    p.add_argument("--harmful-batch-size", type=int, default=10, help="D_h batch for importance (reference: 1)")
+    p.add_argument("--harmful-batch-size", type=int, default=10, help="D_h batch: T-Vaccine's importance "
+                   "(reference: 1), RepNoise's x_h, TAR's attacker and tamper batches")
     p.add_argument("--n-align", type=int, default=2000, help="N_a: safe (prompt, refusal) pairs, D_a")
-    p.add_argument("--n-harmful", type=int, default=200, help="N_h: harmful pairs for importance, D_h")
+    p.add_argument("--n-harmful", type=int, default=200, help="N_h: harmful pairs, D_h (importance, RepNoise, TAR)")
+    p.add_argument("--repnoise-alpha", type=float, default=0.1, help="RepNoise: weight of -log H (harmful CE)")
+    p.add_argument("--repnoise-beta", type=float, default=0.001, help="RepNoise: weight of the noise MMD")
+    p.add_argument("--tar-inner-steps", type=int, default=4, help="TAR: K, the attacker's SFT steps per step")
+    p.add_argument("--tar-inner-lr", type=float, default=1e-4, help="TAR: the attacker's AdamW learning rate")
+    p.add_argument("--tar-tamper-every", type=int, default=2, help="TAR: tamper-resistance loss after every "
+                   "N-th inner step (and the last)")
+    p.add_argument("--tar-weight", type=float, default=4.0, help="TAR: weight of the tamper-resistance gradient")
     args = p.parse_args(argv)
     args.out = args.out or f"runs/align-{args.method}"
     return args
@@ -141,19 +152,25 @@ def check_args(args):
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.rho < 0:
         raise ValueError(f"--rho must be >= 0 (got {args.rho})")
-    for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful"):
+    for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful",
+                 "tar_inner_steps", "tar_tamper_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    for name in ("repnoise_alpha", "repnoise_beta", "tar_weight"):
+        if not getattr(args, name) >= 0:  # also catches NaN
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if not args.tar_inner_lr > 0:
+        raise ValueError(f"--tar-inner-lr must be > 0 (got {args.tar_inner_lr})")
 
 
 def load_alignment_data(args, tokenizer):
     import data
     rows = data.load_safety("train", args.data_dir)
     d_a = data.alignment_set(rows, args.n_align)
-    d_h = data.harmful_set(rows, args.n_harmful) if args.method == "tvaccine" else []
+    d_h = data.harmful_set(rows, args.n_harmful) if args.method in NEEDS_HARMFUL else []
     if len(d_a) < args.batch_size:
         raise ValueError(f"D_a has {len(d_a)} examples, fewer than one batch of {args.batch_size}")
-    if args.method == "tvaccine" and len(d_h) < args.harmful_batch_size:
+    if args.method in NEEDS_HARMFUL and len(d_h) < args.harmful_batch_size:
         raise ValueError(f"D_h has {len(d_h)} examples, fewer than --harmful-batch-size {args.harmful_batch_size}")
     pad = data.pad_id_of(tokenizer)
     batches = data.Batches(data.tokenize_dataset(tokenizer, d_a, args.max_len, "D_a"), args.batch_size, pad,
@@ -163,6 +180,17 @@ def load_alignment_data(args, tokenizer):
         harmful = data.Batches(data.tokenize_dataset(tokenizer, d_h, args.max_len, "D_h"),
                                args.harmful_batch_size, pad, seed=args.seed + 1)
     return batches, harmful
+
+
+def make_method(args, model, harmful, log):
+    """The step function (with its state) of --method."""
+    if args.method in ("repnoise", "tar"):
+        from defences import DefenceMethod
+        return DefenceMethod(model, args.method, harmful, alpha=args.repnoise_alpha, beta=args.repnoise_beta,
+                             inner_steps=args.tar_inner_steps, inner_lr=args.tar_inner_lr,
+                             tr_every=args.tar_tamper_every, tr_weight=args.tar_weight)
+    return AlignmentMethod(model, args.method, args.rho, args.gamma, args.refresh_every, args.resample_every,
+                           harmful, seed=args.seed, log=log)
 
 
 def main(argv=None):
@@ -178,8 +206,7 @@ def main(argv=None):
     seed_everything(args.seed)
     model, tokenizer = prepare_model(args)
     batches, harmful = load_alignment_data(args, tokenizer)
-    method = AlignmentMethod(model, args.method, args.rho, args.gamma, args.refresh_every, args.resample_every,
-                             harmful, seed=args.seed, log=run.log)
+    method = make_method(args, model, harmful, run.log)
     params = lora_parameters(model)
     summary = train(model, params, batches, method, run, lr=args.lr, epochs=args.epochs,
                     weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
