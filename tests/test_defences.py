@@ -151,8 +151,10 @@ def test_harmful_targets_are_the_true_token_ids():
     assert (truth > 256).sum() >= 5 and (rounded != truth).sum() >= 5
 
 
-def test_repnoise_terms_and_gradient_match_a_full_vocabulary_reference(pair):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_repnoise_terms_and_gradient_match_a_full_vocabulary_reference(pair, checkpointing):
     ours, ref = pair
+    ours.checkpointing = checkpointing
     safe, harmful = make_batch(4), make_batch(5)
     alpha, beta = 0.5, 0.5  # large enough that both harmful terms shape the gradient
     terms = repnoise_terms(ours, harmful, torch.Generator().manual_seed(11))
@@ -202,8 +204,10 @@ def plain_max_entropy(model, batch):
     return (logp.exp() * logp).sum(-1).mean()
 
 
-def test_tar_outer_gradient_is_retain_plus_weighted_tamper_gradients(pair):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tar_outer_gradient_is_retain_plus_weighted_tamper_gradients(pair, checkpointing):
     ours, ref = pair
+    ours.checkpointing = checkpointing
     params = lora_parameters(ours)
     theta = [p.detach().clone() for p in params]
     safe, attacks, tamper = make_batch(6), [make_batch(7), make_batch(8), make_batch(9)], make_batch(10)
