@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from tvaccine import add_common_args, check_common_args, cli, count_layers, prepare_model, sft_step
+from trainer import add_common_args, check_common_args, cli, count_layers, prepare_model
+from tvaccine import sft_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:

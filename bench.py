@@ -2,7 +2,8 @@
 
 1. Peak memory of alignment at 7B (Llama-2-7B architecture, random bf16 weights, batch 10 x 200, LoRA r8 in fp32 with
    AdamW state, 2 full steps, T-Vaccine's importance pass included): ours with / without checkpointing and the
-   reference stack. `--device cuda`: torch.cuda.max_memory_allocated. CPU: live tensor bytes, counted op by op by a
+   reference stack, for SFT, Vaccine, T-Vaccine and the other defences (RepNoise, TAR: ours only), and what each of
+   RepNoise's / TAR's memory choices saves against the public code's way. `--device cuda`: torch.cuda.max_memory_allocated. CPU: live tensor bytes, counted op by op by a
    TorchDispatchMode (`LiveBytes`: each storage from the op that makes it until it is freed; parameters, gradients
    and optimizer state included), while the real code runs on the `meta` device at full size; small integer tensors
    carry CPU "shadow" values so data-dependent control flow and shapes are exact. Validated in the output against
@@ -34,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+import defences
 import lora
 from data import format_prompt
 from lora import TARGETS, apply_lora, lora_parameters, set_trainable_layers
@@ -45,8 +47,11 @@ GiB, MiB = 2 ** 30, 2 ** 20
 RHO, RANK, ALPHA, DROPOUT = 3.0, 8, 4.0, 0.1
 LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-5)
 MID = ModelArgs(vocab_size=32000, dim=1024, n_layers=8, n_heads=16, hidden_dim=2816)
-METHODS = ("sft", "vaccine", "tvaccine")
-PAPER = {"sft": "-", "vaccine": "more than T-Vaccine", "tvaccine": "~23.5 GB (RepNoise / TAR: ~45 GB)"}
+METHODS = ("sft", "vaccine", "tvaccine", "repnoise", "tar")
+WITH_REF = ("sft", "vaccine", "tvaccine")  # the reference stack (the public code's step) exists for these only
+PAPER = {"sft": "-", "vaccine": "more than T-Vaccine", "tvaccine": "~23.5 GB", "repnoise": "~45 GB", "tar": "~45 GB"}
+REPNOISE = dict(alpha=0.1, beta=0.001)  # tvaccine.py's defaults
+TAR = dict(inner_steps=4, inner_lr=1e-4, tr_every=2, tr_weight=4.0)
 AUTHOR_REF = {"sft": 9.1, "vaccine": 18.8, "tvaccine": 16.9}  # the issue author's reference stack, SmolLM2, s
 TARGET = {"sft": 0.9, "tvaccine": 0.8}  # ours / reference step time
 
@@ -182,7 +187,7 @@ def random_state(args_repr: str, device: str, dtype) -> dict:
 
 
 def build_ours(args, device, dtype, checkpointing, state=None):
-    """Our Transformer + LoRA with fp32 factors (as tvaccine.prepare_model)."""
+    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model)."""
     with torch.device("meta"):
         model = Transformer(args, checkpointing=checkpointing).to(dtype)
     if str(device) != "meta":
@@ -257,9 +262,17 @@ def finish(opt):
     opt.zero_grad(set_to_none=True)
 
 
-def ours_step(model, opt, method, batch, S):
-    """One full step as tvaccine.AlignmentMethod + trainer.train run it (the importance pass apart)."""
-    if method == "sft":
+def ours_step(model, opt, method, batch, S, harm=None):
+    """One full step as tvaccine.AlignmentMethod / defences.DefenceMethod + trainer.train run it (the importance
+    pass apart). RepNoise and TAR use `harm` as every harmful batch they draw (TAR: K attack batches + 1)."""
+    if method == "repnoise":
+        set_trainable_layers(model, None)
+        defences.repnoise_step(model, batch, harm, **REPNOISE)
+    elif method == "tar":
+        set_trainable_layers(model, None)
+        defences.tar_step(model, lora_parameters(model), batch, [harm] * TAR["inner_steps"], harm, TAR["inner_lr"],
+                          TAR["tr_every"], TAR["tr_weight"])
+    elif method == "sft":
         set_trainable_layers(model, None)
         sft_step(model, batch)
     else:
@@ -296,7 +309,7 @@ def ref_importance(ref, harmful):
     return s / s.sum()
 
 
-def ref_step(ref, opt, method, batch, S):
+def ref_step(ref, opt, method, batch, S, harm=None):
     """The public code's step: full backward in both passes; T-Vaccine freezes only other layers' attention LoRA."""
     if method == "sft":
         ref(**batch).loss.backward()
@@ -323,10 +336,11 @@ STACKS = {"ours": "ours, checkpointing (GPU default)", "ours-nockpt": "ours, no 
 
 
 def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat16, steps=2, profile=False,
-                importance=True):
+                importance=True, copy_weights=False):
     """{phase: peak bytes, "peak", "weights"} over `steps` full steps (step 0 starts with T-Vaccine's importance
     pass), weights included. cuda: max_memory_allocated; cpu/meta: LiveBytes (+ with profile=True on the CPU,
-    "allocator": the CPU allocator's own peak)."""
+    "allocator": the CPU allocator's own peak). copy_weights: hold a copy of the base weights throughout (the
+    public TAR code's unused deep copy of the model)."""
     ours = stack.startswith("ours")
     model = (build_ours if ours else build_ref)(args, device, dtype, stack in ("ours", "ref-ckpt"))
     step, imp = (ours_step, layer_importance) if ours else (ref_step, ref_importance)
@@ -335,13 +349,15 @@ def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat1
 
     def run(mark):
         b, h = ({k: v.to(device, copy=True) for k, v in x.items()} for x in (batch, harm))
+        copy = [p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n] if copy_weights else []
         opt = make_optimizer(params)
         for i in range(steps):
             if i == 0 and method == "tvaccine" and importance:
                 mark("importance")
                 imp(model, h)
             mark("step")
-            step(model, opt, method, b, S)
+            step(model, opt, method, b, S, h)
+        del copy
 
     if torch.device(device).type == "cuda":
         phases, last = {}, [None]
@@ -432,7 +448,7 @@ def memory_validation():
         batch, harm = make_batch(B, T, args.vocab_size, 0), make_batch(B, T, args.vocab_size, 1)
         peaks, e = [], [0.0, 0.0]
         for stack in STACKS:
-            for m in METHODS:
+            for m in WITH_REF:
                 S = spread(args.n_layers, max(1, args.n_layers // 2)) if m == "tvaccine" else list(range(args.n_layers))
                 real = peak_memory(stack, args, m, "cpu", S, batch, harm, dtype, profile=stack in ("ours", "ref"))
                 meta = peak_memory(stack, args, m, "meta", S, batch, harm, dtype)
@@ -446,6 +462,82 @@ def memory_validation():
     random_state.cache_clear()
     print(f"\nError of the method: meta reproduces the real runs' peaks within {100 * worst[0]:.3f}%; the tracker is "
           f"within {100 * worst[1]:.2f}% of the CPU allocator (which also sees kernel scratch buffers).\n")
+
+
+def explicit_mmd2(x, y):
+    """The public code's MMD: a (2n, 2n, D) tensor of differences, squared and kept for backward."""
+    z = torch.cat([x, y])
+    d = ((z[None] - z[:, None]) ** 2).sum(2)
+    n, m = x.shape[0], z.shape[0]
+    s = d.detach().sum() / (m * m - m)
+    k = sum(torch.exp(-d / (s * 2.0 ** (i - 2))) for i in range(5))
+    return (k[:n, :n] + k[n:, n:] - k[:n, n:] - k[n:, :n]).mean()
+
+
+def public_repnoise_terms(model, harmful, generator=None):
+    """RepNoise's terms computed the public code's way, on our model: every (real) position through the LM head for
+    each of the L + 1 hidden states (CE masked afterwards), MMD samples (B, T * dim) in the model dtype with explicit
+    differences, plain autograd (every layer's softmax and differences kept until backward)."""
+    ids, mask, labels = harmful["input_ids"], harmful["attention_mask"], harmful["labels"]
+    B, T = labels.shape
+    real = mask.bool()
+    _, states = model.forward_hidden(ids, mask, record_at=real)
+    nxt = torch.full_like(labels, -100)
+    nxt[:, :-1] = labels[:, 1:]
+    targets, where = nxt[real], real.nonzero()
+    flat = where[:, 0] * T + where[:, 1]
+    ce = torch.stack([F.cross_entropy(model.logits(x).float(), targets, ignore_index=-100) for x in states["residual"]])
+    mmd = []
+    for a in states["mlp"]:
+        x = a.new_zeros(B * T, a.shape[-1]).index_copy(0, flat, a).view(B, -1)
+        y = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) * (x != 0)
+        mmd.append(explicit_mmd2(x, y))
+    mmd = torch.stack(mmd)
+    return {"ce": ce, "H": 1 + ce.mean(), "mmd": mmd, "mmd_noise": mmd.mean()}
+
+
+@contextlib.contextmanager
+def patched(module, **attrs):
+    before = {k: getattr(module, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(module, k, v)
+
+
+def memory_choices(a, dev, batch, harm):
+    """RepNoise's and TAR's memory choices, each undone in turn, at 7B with checkpointing, one step."""
+    L = LLAMA2_7B.n_layers
+    plain = dict(grad_now=lambda fn, x: fn(x))  # autograd through each per-layer loss: its graph kept
+    variants = [
+        ("repnoise", "ours: answer rows only, per-layer losses through grad_now", {}, False),
+        ("repnoise", "plain autograd through each layer's lens CE and MMD (answer rows only)", plain, False),
+        ("repnoise", "the public code's way: every position through the LM head, explicit-difference MMD, plain "
+                     "autograd", dict(repnoise_terms=public_repnoise_terms), False),
+        ("tar", "ours: LoRA snapshot, base model = adapter disabled, L2 through grad_now", {}, False),
+        ("tar", "plain autograd through each layer's L2 distance", plain, False),
+        ("tar", "+ a copy of the model's weights held throughout (the public code's unused deep copy)", {}, True),
+    ]
+    print(f"### What each memory choice of RepNoise and TAR saves (7B, checkpointing, one step)\n")
+    print("| method | variant | peak (GiB) | vs ours |\n|---|---|---|---|")
+    base = {}
+    for m, label, patch, copy in variants:
+        if m not in a.methods:
+            continue
+        with patched(defences, **patch):
+            try:
+                peak = peak_memory("ours", LLAMA2_7B, m, dev, list(range(L)), batch, harm, steps=1,
+                                   copy_weights=copy)["peak"]
+            except torch.cuda.OutOfMemoryError:
+                peak = None
+                torch.cuda.empty_cache()
+        base.setdefault(m, peak)
+        print(f"| {m} | {label} | {gib(peak) if peak else 'out of memory'} | "
+              f"{f'+{gib(peak - base[m])} GiB' if peak and base[m] and peak != base[m] else '-'} |")
+    print()
 
 
 def section1(a):
@@ -465,10 +557,14 @@ def section1(a):
     print(f"Llama-2-7B architecture, random bf16 weights, batch {bt} (no padding), labels on the last 30% of each "
           "row, LoRA r8 on q,k,v,o,gate,up,down (fp32, AdamW state for all), max over 2 full steps; T-Vaccine: "
           f"gamma 8 with layers 0, 4, ..., 28 (S holds layer 0: the worst case), importance on {bt} harmful "
-          "examples at step 0.\n")
+          f"examples at step 0. RepNoise: a harmful batch of {bt}; TAR: K = {TAR['inner_steps']} attack steps and "
+          f"the tamper loss on {bt} harmful batches. RepNoise and TAR have no reference stack here (-).\n")
     res = {}
-    for m in METHODS:
+    for m in a.methods:
         for st in STACKS:
+            if st.startswith("ref") and m not in WITH_REF:
+                res[m, st] = {"peak": None, "absent": True}
+                continue
             try:
                 res[m, st] = peak_memory(st, LLAMA2_7B, m, dev, spread(L, 8) if m == "tvaccine" else list(range(L)),
                                          batch, harm)
@@ -477,14 +573,22 @@ def section1(a):
                 torch.cuda.empty_cache()
     print("| method | " + " | ".join(f"{v} (GiB)" for v in STACKS.values()) + " | paper, 7B |")
     print("|---|" + "---|" * (len(STACKS) + 1))
-    for m in METHODS:
-        print(f"| {m} | " + " | ".join(gib(res[m, st]["peak"]) if res[m, st]["peak"] else "out of memory"
+    for m in a.methods:
+        print(f"| {m} | " + " | ".join(gib(res[m, st]["peak"]) if res[m, st]["peak"] else
+                                       "-" if res[m, st].get("absent") else "out of memory"
                                        for st in STACKS) + f" | {PAPER[m]} |")
-    tv = res["tvaccine", "ours"]
+    tv = res.get(("tvaccine", "ours"), {"peak": None})
+    for m in ("repnoise", "tar"):
+        if tv["peak"] and res.get((m, "ours"), {}).get("peak"):
+            print(f"\n{m} / T-Vaccine, checkpointing: {res[m, 'ours']['peak'] / tv['peak']:.2f}x (paper: 45 / 23.5 = "
+                  f"{45 / 23.5:.2f}x)", end="")
+    print()
     if tv["peak"]:
         print(f"\nThe bf16 weights alone: {gib(tv['weights'])} GiB. Ours, T-Vaccine: importance pass "
               f"{gib(tv['importance'])} GiB, the step {gib(tv['step'])} GiB. Target T-Vaccine <= 15 GiB (a 16 GB "
               f"card): {'met' if tv['peak'] <= 15 * GiB else 'NOT met'} ({gib(tv['peak'])} GiB).\n")
+    if {"repnoise", "tar"} & set(a.methods):
+        memory_choices(a, dev, batch, harm)
     if dev != "meta":
         return
     depths = (2, 4, 8)
@@ -492,7 +596,7 @@ def section1(a):
           "and extrapolated to 32 layers, vs the full-depth figure above:\n")
     print("| method | a (GiB) | b (MiB / layer) | extrapolated (GiB) | measured at 32 (GiB) | error |\n"
           "|---|---|---|---|---|---|")
-    for m in METHODS:
+    for m in [m for m in WITH_REF if m in a.methods]:
         ys = [peak_memory("ours", dataclasses.replace(LLAMA2_7B, n_layers=d), m, dev,
                           spread(d, d // 4 or 1) if m == "tvaccine" else list(range(d)), batch, harm)["peak"]
               for d in depths]
@@ -543,20 +647,22 @@ def time_model(name, a, gammas):
     for r in range(1 + a.steps):  # round 0 warms up (allocations, kernel caches, lazy inits) and is dropped
         keep = lambda key, dt: r and t.setdefault(key, []).append(dt)  # noqa: E731
         S = sample_layers(P, gamma, gen)  # the same layers on both sides
-        for m in METHODS if r else ("sft", "tvaccine"):  # the warmup: one step of each code path
+        for m in a.methods if r else [m for m in a.methods if m != "vaccine"]:  # warmup: each code path once
             Sm = S if m == "tvaccine" else list(range(L))
-            keep(("ours", m), timed(ours_step, ours, opt_o, m, batch, Sm))
-            keep(("ref", m), timed(ref_step, ref, opt_r, m, batch, Sm))
-            if r and m != "vaccine":  # checkpointing overhead: SFT and T-Vaccine (keeps the run short)
+            keep(("ours", m), timed(ours_step, ours, opt_o, m, batch, Sm, harm))
+            if m in WITH_REF:
+                keep(("ref", m), timed(ref_step, ref, opt_r, m, batch, Sm))
+            if r and m in ("sft", "tvaccine"):  # checkpointing overhead: SFT and T-Vaccine (keeps the run short)
                 ours.checkpointing = True
                 keep(("ckpt", m), timed(ours_step, ours, opt_o, m, batch, Sm))
                 ours.checkpointing = False
-        keep(("ours", "importance"), timed(layer_importance, ours, harm1))
-        keep(("ref", "importance"), timed(ref_importance, ref, harm1))
-        keep(("ours10", "importance"), timed(layer_importance, ours, harm))
+        if "tvaccine" in a.methods:
+            keep(("ours", "importance"), timed(layer_importance, ours, harm1))
+            keep(("ref", "importance"), timed(ref_importance, ref, harm1))
+            keep(("ours10", "importance"), timed(layer_importance, ours, harm))
     med = {k: statistics.median(v) for k, v in t.items()}
     sweep = {}  # gamma -> (step time with S drawn from P, step time with S drawn uniformly, that uniform S)
-    for g in sorted({min(g, L) for g in gammas}) if name == "smollm2" else ():
+    for g in sorted({min(g, L) for g in gammas}) if name == "smollm2" and "tvaccine" in a.methods else ():
         from_p = med["ours", "tvaccine"] if g == gamma else statistics.median(
             timed(ours_step, ours, opt_o, "tvaccine", batch, sample_layers(P, g, gen)) for _ in range(2))
         uniform = uniform_layers(L, g)
@@ -583,17 +689,20 @@ def section2(a, gammas):
         if name == "smollm2":
             smollm2 = sweep, L, p0
         label = f"{'SmolLM2-135M' if name == 'smollm2' else f'random Llama, dim {MID.dim}'} ({L} layers)"
-        for m in METHODS:
-            o, r, c, tgt = med["ours", m], med["ref", m], med.get(("ckpt", m)), TARGET.get(m)
+        for m in a.methods:
+            o, r, c, tgt = med["ours", m], med.get(("ref", m)), med.get(("ckpt", m)), TARGET.get(m)
             met = ("yes" if o / r <= tgt else "NO") if tgt else "-"
             ck = f"{c:.2f} | {100 * (c / o - 1):+.0f}%" if c else "- | -"
-            print(f"| {label} | {m}{f' (gamma {gamma})' if m == 'tvaccine' else ''} | {o:.2f} | {r:.2f} | "
-                  f"{o / r:.2f}x | {f'<= {tgt}x' if tgt else '-'} | {met} | {ck} |")
-        o, r = med["ours", "importance"], med["ref", "importance"]
-        print(f"| {label} | importance, 1 harmful example (public code) | {o:.2f} | {r:.2f} | {o / r:.2f}x | - | - "
-              "| - | - |")
-        notes.append(f"{label}: {real} real tokens of {a.batch * T}, {answers} labelled; our importance pass on a "
-                     f"harmful batch of {a.batch} x {T} (our default): {med['ours10', 'importance']:.2f} s.")
+            vs = f"{r:.2f} | {o / r:.2f}x" if r else "- | -"
+            name_m = {"tvaccine": f"tvaccine (gamma {gamma})", "tar": f"tar (K {TAR['inner_steps']})"}.get(m, m)
+            print(f"| {label} | {name_m} | {o:.2f} | {vs} | {f'<= {tgt}x' if tgt else '-'} | {met} | {ck} |")
+        if "tvaccine" in a.methods:
+            o, r = med["ours", "importance"], med["ref", "importance"]
+            print(f"| {label} | importance, 1 harmful example (public code) | {o:.2f} | {r:.2f} | {o / r:.2f}x | - "
+                  "| - | - | - |")
+        notes.append(f"{label}: {real} real tokens of {a.batch * T}, {answers} labelled" + (
+            f"; our importance pass on a harmful batch of {a.batch} x {T} (our default): "
+            f"{med['ours10', 'importance']:.2f} s." if "tvaccine" in a.methods else "."))
     print("\n" + "\n".join(notes))
     if "smollm2" in a.models:
         print("The issue author's reference-stack figures on SmolLM2 (2 cores, fp32): " +
@@ -693,6 +802,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="section 2: timed rounds (after one warmup round)")
     p.add_argument("--models", default="smollm2,mid", help=f"section 2: smollm2 and/or mid (a random Llama, "
                    f"{MID.n_layers} layers, dim {MID.dim}, vocab {MID.vocab_size})")
+    p.add_argument("--methods", default=",".join(METHODS), help="sections 1-2: methods to measure, of "
+                   f"{', '.join(METHODS)}")
     p.add_argument("--gammas", default="2,4,8,16,all", help="T-Vaccine gammas for the trade-off table ('' = none)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="section 1: cuda = max_memory_allocated")
     p.add_argument("--batch", type=int, default=10, help="sections 1-2: batch size")
@@ -705,6 +816,9 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     sections = {int(s) for s in a.sections.split(",") if s}
     a.models = [m for m in a.models.split(",") if m]
+    a.methods = [m for m in a.methods.split(",") if m]
+    if set(a.methods) - set(METHODS):
+        raise SystemExit(f"unknown --methods {sorted(set(a.methods) - set(METHODS))}; have {', '.join(METHODS)}")
     gammas = [1000 if g == "all" else int(g) for g in a.gammas.split(",") if g]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()

@@ -215,7 +215,7 @@ def load_evaluated_model(args):
     """Base model, then the aligned adapter merged, then the attacked adapter merged (the attack's order)."""
     from lora import load_adapter, merge_and_unload
     from model import load_model
-    from tvaccine import DTYPES
+    from trainer import DTYPES
     model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
     for adapter in (args.aligned, args.attacked):
         if adapter:
@@ -275,7 +275,7 @@ def response_text(generated: str) -> str:
 def judge_hs(args, judge_folder, prompts, answers) -> tuple[list[bool], list[float] | None]:
     if args.judge == "keyword":
         return [keyword_harmful(a) for a in answers], None
-    from tvaccine import DTYPES
+    from trainer import DTYPES
     judge, tok = load_moderation(judge_folder, DTYPES[args.judge_dtype], args.device)
     probs = moderation_probs(judge, tok, prompts, answers, args.batch_size, args.progress).max(-1).values
     return (probs > FLAG_THRESHOLD).tolist(), probs.tolist()
@@ -493,7 +493,7 @@ def merge_and_export(args) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     import data
     from model import DEFAULT_MODEL
-    from tvaccine import DTYPES
+    from trainer import DTYPES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model: alias, local HF folder, .gguf or Hub id")
     p.add_argument("--aligned", default=None, help="aligned adapter folder (merged first); none = non-aligned")
@@ -572,5 +572,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from tvaccine import cli
+    from trainer import cli
     cli(main)

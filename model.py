@@ -284,9 +284,29 @@ class Block(nn.Module):
         return x + (self.post_attention_layernorm(h) if self.sandwich else h)
 
     def feed_forward(self, x):
+        return x + self.mlp_output(x)
+
+    def mlp_output(self, x):
+        """a_l: the MLP sub-block's output, before the residual add (RepNoise noises these)."""
         if self.sandwich:
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x + self.mlp(self.post_attention_layernorm(x))
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return self.mlp(self.post_attention_layernorm(x))
+
+
+def _recorded_rows(record_at, attention_mask, unpadded) -> torch.Tensor | None:
+    """Indices of the recorded positions in the layout the layers run in: the N real tokens (padded batch) or
+    the B * T positions; None when every row is recorded."""
+    at = record_at.bool().flatten()
+    if unpadded is not None:
+        if bool((at & ~attention_mask.bool().flatten()).any()):
+            raise ValueError("record_at marks padding positions; only real tokens can be recorded")
+        at = at.index_select(0, unpadded.index)
+    return None if bool(at.all()) else at.nonzero().squeeze(1)
+
+
+def _take_rows(x, rows):
+    x = x.reshape(-1, x.shape[-1])  # (N, dim) or (B * T, dim): a view either way
+    return x if rows is None else x.index_select(0, rows)
 
 
 def _maybe_checkpoint(enabled: bool, fn, *args):
@@ -316,13 +336,18 @@ class Transformer(nn.Module):
 
     # -- the layer loop ------------------------------------------------------------------------------------------
     def forward_hidden(self, input_ids, attention_mask=None, *, expose=(), perturb=None, on_grad=None,
-                       grad_from: int = 0, cache: KVCache | None = None):
+                       grad_from: int = 0, cache: KVCache | None = None, record_at=None):
         """Run the decoder; return (hidden states before the final norm, {l: h_l for l in expose}).
 
         expose:    layers whose attention output h_l is returned, inside the autograd graph.
         perturb:   {l: eps_l} added to h_l as constants (no gradient flows into eps).
         on_grad:   {l: fn}: backward calls fn(dL/dh_l) when it reaches h_l; h_l itself is not kept alive.
         grad_from: layers below this index run under no_grad (nothing below needs a gradient).
+        record_at: (B, T) bool, real tokens only. Adds "residual": [x_0, ..., x_L] (x_0 the embeddings, x_(l+1)
+                   layer l's output, x_L the final norm's input) and "mlp": [a_0, ..., a_(L-1)] (each MLP
+                   sub-block's output, before the residual add) to the returned dict, in the graph, as (M, dim)
+                   rows for the M recorded positions in (b, t) order: the defences' losses need only those rows,
+                   so no (B, T, dim) copy is made (when every real token is recorded, the rows are x itself).
         """
         perturb, on_grad = perturb or {}, on_grad or {}
         B, T = input_ids.shape
@@ -338,6 +363,9 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.args.dim ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         exposed = {}
+        rows = None if record_at is None else _recorded_rows(record_at, attention_mask, unpadded)
+        if record_at is not None:
+            exposed["residual"], exposed["mlp"] = [_take_rows(x, rows)], []
         for l, block in enumerate(self.layers):
             mask = masks[l in self.args.sliding_layers]
             with torch.set_grad_enabled(torch.is_grad_enabled() and l >= grad_from):
@@ -346,7 +374,13 @@ class Transformer(nn.Module):
                 if l in perturb or l in expose or l in on_grad:
                     h = self._hook_point(h, perturb.get(l), l in expose, on_grad.get(l), exposed, l, unpadded)
                 x = block.add_attention(x, h)
-                x = _maybe_checkpoint(ckpt, block.feed_forward, x)
+                if record_at is None:
+                    x = _maybe_checkpoint(ckpt, block.feed_forward, x)
+                else:  # the same sum, split so that a_l can be recorded
+                    a = _maybe_checkpoint(ckpt, block.mlp_output, x)
+                    x = x + a
+                    exposed["mlp"].append(_take_rows(a, rows))
+                    exposed["residual"].append(_take_rows(x, rows))
         if cache is not None:
             cache.length += T
         return (unpadded.unpack(x) if unpadded is not None else x), exposed

@@ -1,4 +1,4 @@
-"""The run machinery shared by the alignment (tvaccine.py) and the attack (attack.py) stages.
+"""The run machinery shared by the alignment (tvaccine.py, defences.py) and the attack (attack.py) stages.
 
 - `RunDir`: the output folder: refuses to overwrite a different run, writes the resolved config, metrics
   JSONL, atomic checkpoints (temp file + rename) and the summary.
@@ -6,9 +6,12 @@
   a checkpoint every N steps and on Ctrl-C, exact resume (optimizer, schedule, RNG, data order, method
   state), and a hard stop on a NaN/inf loss that keeps the last good checkpoint.
 - Peak memory: `torch.cuda.max_memory_allocated` on GPU (reset when the stage starts), peak RSS on CPU.
+- The command line every stage shares: `add_common_args` / `check_common_args` (flags and their checks),
+  `count_layers` (depth from the config alone), `prepare_model` (load, merge, fresh LoRA), `cli` (one-line errors).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -279,3 +282,90 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
     peak, how = peak_memory_bytes(device)
     return {"steps": total, "final_loss": last.get("loss"), "train_time_s": elapsed,
             "peak_memory_bytes": peak, "peak_memory_gib": peak / 2**30, "peak_memory_kind": how}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line every stage shares (tvaccine.py and attack.py; evaluate.py uses DTYPES and cli). It lives with
+# the run machinery, not with the algorithm: it is about loading, devices and errors, the same for every method.
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_common_args(p: argparse.ArgumentParser, lr: float):
+    """Flags shared with attack.py (same names, same meaning)."""
+    from model import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local HF folder, .gguf file or Hub repo id")
+    p.add_argument("--data-dir", default=None, help="local data folder (e.g. ../shared/data); default: the Hub")
+    p.add_argument("--out", default=None, help="output folder (adapter, config, metrics, checkpoint)")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scaling = alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--max-len", type=int, default=200, help="truncate examples to this many tokens")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights/compute (default bf16 on GPU, "
+                   "fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing (default: on for GPU, off for CPU)")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def check_common_args(args):
+    """Bad hyperparameters shared with attack.py fail here, before any data or weights are read."""
+    positive = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
+                "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "max_grad_norm": args.max_grad_norm}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
+    if not 0 <= args.warmup_ratio < 1 or not 0 <= args.lora_dropout < 1 or args.weight_decay < 0:
+        raise ValueError("need 0 <= --warmup-ratio < 1, 0 <= --lora-dropout < 1 and --weight-decay >= 0")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
+
+
+def count_layers(model_name: str) -> int:
+    """The model's depth from its config alone (no weights), to check gamma before loading anything."""
+    import weights
+    from model import resolve_source
+    source = resolve_source(model_name)
+    if source.suffix == ".gguf":
+        import gguf
+        reader = gguf.GGUFReader(source)
+        return int(reader.fields["llama.block_count"].contents())
+    return int(weights.read_config(source)["num_hidden_layers"])
+
+
+def prepare_model(args, adapter_to_merge: str | None = None):
+    """Load the base model, optionally fold an adapter into it, and add a fresh trainable LoRA."""
+    from lora import apply_lora, load_adapter, merge_and_unload
+    from model import load_model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpointing = args.checkpointing if args.checkpointing is not None else device.type == "cuda"
+    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=device,
+                                  checkpointing=checkpointing)
+    if adapter_to_merge:
+        load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
+        merge_and_unload(model)
+    apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+               lora_dtype=torch.float32)  # fp32 adapters over bf16 weights: AdamW updates do not round away
+    model.train()
+    return model, tokenizer
+
+
+def cli(main_fn):
+    """Clear one-line errors for bad input instead of tracebacks."""
+    from weights import CheckpointError
+    try:
+        main_fn()
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

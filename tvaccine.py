@@ -1,7 +1,9 @@
-"""T-Vaccine: safety alignment with layer-wise perturbation (Liu et al., arXiv 2410.09760), plus Vaccine and SFT.
+"""T-Vaccine: safety alignment with layer-wise perturbation (Liu et al., arXiv 2410.09760), plus Vaccine and SFT;
+the alignment command, which also runs the other defences of the paper's comparison (defences.py: RepNoise, TAR).
 
     python tvaccine.py --model llama2-7b                      # the paper's setting (BeaverTails from the Hub)
     python tvaccine.py --data-dir ../shared/data --n-align 1000 --epochs 1   # small CPU run on smollm2-135m
+    python tvaccine.py --model llama2-7b --method repnoise    # or tar: the baselines, same data, LoRA, outputs
 
 The algorithm (SPEC section 6) is the first section below, top to bottom:
 - `layer_importance`: P_l = ||dL_h/dh_l||_F / sum_j ||dL_h/dh_j||_F on a batch of harmful data D_h.
@@ -14,12 +16,10 @@ The algorithm (SPEC section 6) is the first section below, top to bottom:
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
 import torch
+
+from trainer import add_common_args, check_common_args, cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm
@@ -118,36 +118,8 @@ class AlignmentMethod:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: every hyperparameter a flag, with the paper's default (SPEC section 2)
 
-METHODS = ("tvaccine", "vaccine", "sft")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def add_common_args(p: argparse.ArgumentParser, lr: float):
-    """Flags shared with attack.py (same names, same meaning)."""
-    from model import DEFAULT_MODEL
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local HF folder, .gguf file or Hub repo id")
-    p.add_argument("--data-dir", default=None, help="local data folder (e.g. ../shared/data); default: the Hub")
-    p.add_argument("--out", default=None, help="output folder (adapter, config, metrics, checkpoint)")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA scaling = alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.1)
-    p.add_argument("--max-len", type=int, default=200, help="truncate examples to this many tokens")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights/compute (default bf16 on GPU, "
-                   "fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation checkpointing (default: on for GPU, off for CPU)")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+METHODS = ("tvaccine", "vaccine", "sft", "repnoise", "tar")
+NEEDS_HARMFUL = ("tvaccine", "repnoise", "tar")  # methods that draw batches of D_h
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,25 +130,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=8, help="layers perturbed and trained per step (T-Vaccine)")
     p.add_argument("--refresh-every", type=int, default=200, help="K: steps between layer-importance refreshes")
     p.add_argument("--resample-every", type=int, default=20, help="J: steps between layer resamples")
-    p.add_argument("--harmful-batch-size", type=int, default=10, help="D_h batch for importance (reference: 1)")
+    p.add_argument("--harmful-batch-size", type=int, default=10, help="D_h batch: T-Vaccine's importance "
+                   "(reference: 1), RepNoise's x_h, TAR's attacker and tamper batches")
     p.add_argument("--n-align", type=int, default=2000, help="N_a: safe (prompt, refusal) pairs, D_a")
-    p.add_argument("--n-harmful", type=int, default=200, help="N_h: harmful pairs for importance, D_h")
+    p.add_argument("--n-harmful", type=int, default=200, help="N_h: harmful pairs, D_h (importance, RepNoise, TAR)")
+    p.add_argument("--repnoise-alpha", type=float, default=0.1, help="RepNoise: weight of -log H (harmful CE)")
+    p.add_argument("--repnoise-beta", type=float, default=0.001, help="RepNoise: weight of the noise MMD")
+    p.add_argument("--tar-inner-steps", type=int, default=4, help="TAR: K, the attacker's SFT steps per step")
+    p.add_argument("--tar-inner-lr", type=float, default=1e-4, help="TAR: the attacker's AdamW learning rate")
+    p.add_argument("--tar-tamper-every", type=int, default=2, help="TAR: tamper-resistance loss after every "
+                   "N-th inner step (and the last)")
+    p.add_argument("--tar-weight", type=float, default=4.0, help="TAR: weight of the tamper-resistance gradient")
     args = p.parse_args(argv)
     args.out = args.out or f"runs/align-{args.method}"
     return args
-
-
-def check_common_args(args):
-    """Bad hyperparameters shared with attack.py fail here, before any data or weights are read."""
-    positive = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
-                "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "max_grad_norm": args.max_grad_norm}
-    for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
-    if not 0 <= args.warmup_ratio < 1 or not 0 <= args.lora_dropout < 1 or args.weight_decay < 0:
-        raise ValueError("need 0 <= --warmup-ratio < 1, 0 <= --lora-dropout < 1 and --weight-decay >= 0")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
 
 
 def check_args(args):
@@ -185,31 +152,25 @@ def check_args(args):
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.rho < 0:
         raise ValueError(f"--rho must be >= 0 (got {args.rho})")
-    for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful"):
+    for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful",
+                 "tar_inner_steps", "tar_tamper_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-
-
-def count_layers(model_name: str) -> int:
-    """The model's depth from its config alone (no weights), to check gamma before loading anything."""
-    import weights
-    from model import resolve_source
-    source = resolve_source(model_name)
-    if source.suffix == ".gguf":
-        import gguf
-        reader = gguf.GGUFReader(source)
-        return int(reader.fields["llama.block_count"].contents())
-    return int(weights.read_config(source)["num_hidden_layers"])
+    for name in ("repnoise_alpha", "repnoise_beta", "tar_weight"):
+        if not getattr(args, name) >= 0:  # also catches NaN
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if not args.tar_inner_lr > 0:
+        raise ValueError(f"--tar-inner-lr must be > 0 (got {args.tar_inner_lr})")
 
 
 def load_alignment_data(args, tokenizer):
     import data
     rows = data.load_safety("train", args.data_dir)
     d_a = data.alignment_set(rows, args.n_align)
-    d_h = data.harmful_set(rows, args.n_harmful) if args.method == "tvaccine" else []
+    d_h = data.harmful_set(rows, args.n_harmful) if args.method in NEEDS_HARMFUL else []
     if len(d_a) < args.batch_size:
         raise ValueError(f"D_a has {len(d_a)} examples, fewer than one batch of {args.batch_size}")
-    if args.method == "tvaccine" and len(d_h) < args.harmful_batch_size:
+    if args.method in NEEDS_HARMFUL and len(d_h) < args.harmful_batch_size:
         raise ValueError(f"D_h has {len(d_h)} examples, fewer than --harmful-batch-size {args.harmful_batch_size}")
     pad = data.pad_id_of(tokenizer)
     batches = data.Batches(data.tokenize_dataset(tokenizer, d_a, args.max_len, "D_a"), args.batch_size, pad,
@@ -221,26 +182,20 @@ def load_alignment_data(args, tokenizer):
     return batches, harmful
 
 
-def prepare_model(args, adapter_to_merge: str | None = None):
-    """Load the base model, optionally fold an adapter into it, and add a fresh trainable LoRA."""
-    from lora import apply_lora, load_adapter, merge_and_unload
-    from model import load_model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpointing = args.checkpointing if args.checkpointing is not None else device.type == "cuda"
-    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=device,
-                                  checkpointing=checkpointing)
-    if adapter_to_merge:
-        load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
-        merge_and_unload(model)
-    apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-               lora_dtype=torch.float32)  # fp32 adapters over bf16 weights: AdamW updates do not round away
-    model.train()
-    return model, tokenizer
+def make_method(args, model, harmful, log):
+    """The step function (with its state) of --method."""
+    if args.method in ("repnoise", "tar"):
+        from defences import DefenceMethod
+        return DefenceMethod(model, args.method, harmful, alpha=args.repnoise_alpha, beta=args.repnoise_beta,
+                             inner_steps=args.tar_inner_steps, inner_lr=args.tar_inner_lr,
+                             tr_every=args.tar_tamper_every, tr_weight=args.tar_weight)
+    return AlignmentMethod(model, args.method, args.rho, args.gamma, args.refresh_every, args.resample_every,
+                           harmful, seed=args.seed, log=log)
 
 
 def main(argv=None):
     from lora import lora_parameters, save_adapter
-    from trainer import RunDir, seed_everything, train
+    from trainer import RunDir, count_layers, prepare_model, seed_everything, train
 
     args = parse_args(argv)
     check_args(args)
@@ -251,8 +206,7 @@ def main(argv=None):
     seed_everything(args.seed)
     model, tokenizer = prepare_model(args)
     batches, harmful = load_alignment_data(args, tokenizer)
-    method = AlignmentMethod(model, args.method, args.rho, args.gamma, args.refresh_every, args.resample_every,
-                             harmful, seed=args.seed, log=run.log)
+    method = make_method(args, model, harmful, run.log)
     params = lora_parameters(model)
     summary = train(model, params, batches, method, run, lr=args.lr, epochs=args.epochs,
                     weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
@@ -265,17 +219,6 @@ def main(argv=None):
           f"{summary['final_loss']:.4f}, peak memory {summary['peak_memory_gib']:.2f} GiB "
           f"({summary['peak_memory_kind']}); adapter in {run.path / 'adapter'}")
     return summary
-
-
-def cli(main_fn):
-    """Clear one-line errors for bad input instead of tracebacks."""
-    from trainer import NonFiniteLoss
-    from weights import CheckpointError
-    try:
-        main_fn()
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ EVAL="--data-dir $DATA --judge keyword --n-hs 100 --n-fa 100 --max-new-tokens-hs
 # A stage is skipped when its output exists, so a rerun continues where an interrupted one stopped.
 stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
 
-# method-sSEED; set RUNS (and BASELINE=0) to split the work between processes, e.g. one per core
+# method-sSEED, method one of sft, vaccine, tvaccine, repnoise, tar (RepNoise and TAR: the defaults of
+# tvaccine.py, with the same N_h harmful pairs), e.g. RUNS="repnoise-s1 tar-s1" BASELINE=0 bash recipes/cpu_smollm2.sh.
+# Set RUNS (and BASELINE=0) to split the work between processes, e.g. one per core
 RUNS=${RUNS:-"$(for s in $SEEDS_MAIN; do echo sft-s$s tvaccine-s$s; done) $(for s in $SEEDS_VACCINE; do echo vaccine-s$s; done)"}
 BASELINE=${BASELINE:-1}
 
@@ -41,6 +43,9 @@ if [ "$BASELINE" = 1 ]; then
   stage $OUT/eval-nonaligned-s1-aligned/results.json \
     python evaluate.py $EVAL --task none --label non-aligned --out $OUT/eval-nonaligned-s1-aligned
 fi
+for run in $RUNS; do
+  case ${run%-s*} in sft|vaccine|tvaccine|repnoise|tar) ;; *) echo "unknown method in RUNS: $run" >&2; exit 1;; esac
+done
 for run in $RUNS; do
   stage $OUT/align-$run/summary.json \
     python tvaccine.py $ALIGN --method ${run%-s*} --seed ${run##*-s} --out $OUT/align-$run

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The paper's main setting on one GPU: Llama-2-7B, BeaverTails from the Hub, SST-2, p = 0.1, n = 1000, the
 # BeaverDam-7B judge, all hyperparameters at the paper's defaults (SPEC section 2). Needs HF_TOKEN with the
-# Llama-2 licence accepted. Set SEEDS / METHODS to change what runs.
+# Llama-2 licence accepted. Set SEEDS / METHODS to change what runs: METHODS from sft, vaccine, tvaccine, repnoise,
+# tar (the paper's comparison: METHODS="sft vaccine tvaccine repnoise tar").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-llama2-7b}
 OUT=${OUT:-runs/paper_llama2_7b}
 SEEDS=${SEEDS:-"42"}
-METHODS=${METHODS:-"sft vaccine tvaccine"}
+METHODS=${METHODS:-"sft vaccine tvaccine repnoise tar"}
+for method in $METHODS; do
+  case $method in sft|vaccine|tvaccine|repnoise|tar) ;; *) echo "unknown method in METHODS: $method" >&2; exit 1;; esac
+done
 
 for seed in $SEEDS; do
   # non-aligned baseline

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attack
+import trainer
 import tvaccine
 from lora import load_adapter
 from model import load_model
@@ -40,7 +41,7 @@ def test_attack_merges_the_aligned_adapter_then_trains_a_fresh_one(aligned, tmp_
     # the starting point of the attack = base + aligned adapter
     args = SimpleNamespace(model=str(folder), device="cpu", dtype="fp32", checkpointing=False, lora_rank=8,
                            lora_alpha=4.0, lora_dropout=0.0)
-    merged, _ = tvaccine.prepare_model(args, adapter_to_merge=str(adapter))
+    merged, _ = trainer.prepare_model(args, adapter_to_merge=str(adapter))
     reference, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
     load_adapter(reference, adapter)
     ids = torch.randint(4, 96, (2, 9))

@@ -40,7 +40,8 @@ def test_meta_sees_real_shapes_through_data_dependent_ops():
     assert mem.peak > 0
 
 
-@pytest.mark.parametrize("stack,method", [("ours", "tvaccine"), ("ours-nockpt", "vaccine"), ("ref", "sft")])
+@pytest.mark.parametrize("stack,method", [("ours", "tvaccine"), ("ours-nockpt", "vaccine"), ("ref", "sft"),
+                                          ("ours", "repnoise"), ("ours-nockpt", "tar")])
 def test_meta_run_reproduces_the_real_cpu_peak(one_thread, stack, method):
     if stack == "ref":
         pytest.importorskip("peft")
@@ -77,3 +78,18 @@ def test_gamma_table_without_section_2_prints_only_what_was_measured(capsys, mon
     assert "step (s)" not in header and len(rows) == 2
     assert all(len(r.split("|")) == len(header.split("|")) for r in rows)
     assert rows[1].startswith("| all | 3.00 | 3.00 | all |")
+
+
+def test_meta_reproduces_the_public_repnoise_recipe_and_the_tar_weight_copy(one_thread):
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, hidden_dim=96)
+    batch, harm = bench.make_batch(3, 24, 256, 0), bench.make_batch(3, 24, 256, 1)
+    with bench.patched(bench.defences, repnoise_terms=bench.public_repnoise_terms):
+        real, meta = (bench.peak_memory("ours", args, "repnoise", d, [0, 1, 2], batch, harm, torch.float32, steps=1)
+                      for d in ("cpu", "meta"))
+    assert meta["peak"] == real["peak"]
+    ours = bench.peak_memory("ours", args, "repnoise", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1)
+    assert ours["peak"] < real["peak"]  # the explicit-difference MMD and full-position softmaxes cost memory
+    plain = bench.peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1)
+    copied = bench.peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1,
+                               copy_weights=True)
+    assert copied["peak"] - plain["peak"] == plain["weights"]  # exactly one more copy of the base weights

@@ -272,7 +272,7 @@ def test_outputs_of_each_method(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--gamma", "9"], "--gamma 9 exceeds the model's 4 layers"),
     (["--rho", "-1"], "--rho must be >= 0"),
-    (["--method", "repnoise"], "unknown method 'repnoise'"),
+    (["--method", "repnoize"], "unknown method 'repnoize'"),
     (["--n-align", "100"], "only 24 exist"),
     (["--batch-size", "30"], "fewer than one batch of 30"),
     (["--lr", "0"], "--lr must be > 0"),
