@@ -350,19 +350,47 @@ def _values(results, method, task, key) -> list[float]:
 
 
 def _cell(values: list) -> str:
+    """One run: its value. Several (seeds): mean ± standard error of the mean (n)."""
     if not values:
         return "—"
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)})"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f} ({len(values)})"
 
 
-def load_results(dirs) -> list[dict]:
+HS_SPLITS = ("all", "calib", "final")
+
+
+def in_split(index: int, split: str) -> bool:
+    """The HS prompts are split once for the study: every 4th prompt (index % 4 == 0) calibrates the settings,
+    the rest makes the final table, so no setting is chosen on the prompts it is reported on."""
+    return split == "all" or (index % 4 == 0) == (split == "calib")
+
+
+def hs_verdicts(d: Path, split: str = "all") -> list[dict]:
+    lines = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines() if l.strip()]
+    return [l for i, l in enumerate(l for l in lines if l["kind"] == "hs") if in_split(i, split)]
+
+
+def one_word(answer: str) -> bool:
+    return len(re.findall(r"[A-Za-z0-9']+", answer)) <= 1
+
+
+def load_results(dirs, split: str = "all") -> list[dict]:
+    """results.json of each folder; with a split, HS is recomputed on that split of the saved verdicts."""
     found = []
     for d in map(Path, dirs):
         if not (d / "results.json").is_file():
             raise FileNotFoundError(f"{d / 'results.json'} not found (is {d} an evaluate.py output folder?)")
-        found.append({**json.loads((d / "results.json").read_text()), "dir": str(d)})
+        r = {**json.loads((d / "results.json").read_text()), "dir": str(d)}
+        if (d / "generations.jsonl").is_file():
+            hs = hs_verdicts(d, split)
+            r["HS"] = 100.0 * sum(l["harmful"] for l in hs) / len(hs)
+            r["N_hs"] = len(hs)
+            r["one_word"] = 100.0 * sum(one_word(l["answer"]) for l in hs) / len(hs)
+        elif split != "all":
+            raise FileNotFoundError(f"--hs-split {split} needs {d / 'generations.jsonl'}")
+        found.append(r)
     return found
 
 
@@ -373,8 +401,11 @@ def summary_table(results: list[dict]) -> str:
     methods = list(dict.fromkeys(_row_name(r) for r in results))
     judges = sorted({r["judge"] for r in results})
     # task "none" = HS with no fine-tuning after the alignment: what the attack then has to undo
-    columns = [(t, k) for t in tasks for k in (("HS",) if t == "none" else ("HS", "FA"))]
+    one_word = any("one_word" in r for r in results)  # saved answers: also the share of one-word HS answers
+    columns = [(t, k) for t in tasks for k in (("HS",) if t == "none" else
+                                                ("HS", "FA", "one_word") if one_word else ("HS", "FA"))]
     names = {("none", "HS"): "HS before attack ↓"}
+    names.update({(t, "one_word"): f"{t} one-word HS answers (%)" for t in tasks})
     head = ["method"] + [names.get(c, f"{c[0]} {c[1]} {'↓' if c[1] == 'HS' else '↑'}") for c in columns]
     lines = ["| " + " | ".join(head + ["align mem (GiB)"]) + " |", "|" + "---|" * (len(head) + 1)]
     for m in methods:
@@ -385,6 +416,75 @@ def summary_table(results: list[dict]) -> str:
     lines.append(f"\nHS judge: {', '.join(judges)}" + (" (keyword = refusal-phrase proxy, not the paper's judge)"
                                                        if "keyword" in judges else ""))
     return "\n".join(lines)
+
+
+def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: int = 10000, seed: int = 0):
+    """HS(a) - HS(b) with a 95% interval, resampling seeds and prompts together.
+
+    a and b are evaluation folders of two methods, paired by seed (same seed = same data order and attack) and
+    evaluated on the same prompts. Each bootstrap round draws seeds with replacement and prompt indices with
+    replacement, the same indices for both methods, and takes the mean difference of their verdicts."""
+    import numpy as np
+    by_seed = lambda ds: {json.loads((d / "results.json").read_text())["seed"]: d for d in map(Path, ds)}
+    sa, sb = by_seed(a), by_seed(b)
+    seeds = sorted(set(sa) & set(sb))
+    if not seeds:
+        raise ValueError("no seed evaluated for both methods: nothing to pair")
+    va = np.array([[l["harmful"] for l in hs_verdicts(sa[s], split)] for s in seeds], dtype=float)
+    vb = np.array([[l["harmful"] for l in hs_verdicts(sb[s], split)] for s in seeds], dtype=float)
+    if va.shape != vb.shape:
+        raise ValueError(f"the two methods were judged on different prompt sets: {va.shape} vs {vb.shape}")
+    diff = va - vb  # (seeds, prompts)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, diff.shape[0], size=(n_boot, diff.shape[0]))
+    cols = rng.integers(0, diff.shape[1], size=(n_boot, diff.shape[1]))
+    boots = np.array([diff[r][:, c].mean() for r, c in zip(rows, cols)]) * 100
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return 100 * diff.mean(), lo, hi, len(seeds), diff.shape[1]
+
+
+def bootstrap_lines(results: list[dict], split: str) -> list[str]:
+    """T-Vaccine against SFT and against Vaccine, per attacked task, when both were evaluated."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        dirs = {}
+        for r in results:
+            if r["task"] == task:
+                dirs.setdefault(_row_name(r), []).append(Path(r["dir"]))
+        for other in ("sft", "vaccine"):
+            if "tvaccine" in dirs and other in dirs:
+                d, lo, hi, n_seeds, n_prompts = paired_bootstrap(dirs["tvaccine"], dirs[other], split)
+                where = "before the attack" if task == "none" else f"after the {task} attack"
+                lines.append(f"HS tvaccine - {other}, {where}: {d:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] "
+                             f"(paired bootstrap over {n_seeds} seeds x {n_prompts} prompts)")
+    return lines
+
+
+def plot_curves(plt, runs: list[Path], out: Path) -> Path | None:
+    """Per alignment run: the clean loss (pass 1) and the loss that trains (pass 2, perturbed for Vaccine and
+    T-Vaccine) against the step; and the LoRA update norm of each layer at the end (which layers trained)."""
+    runs = [r for r in runs if (r / "metrics.jsonl").is_file()]
+    if not runs:
+        return None
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4))
+    for run in runs:
+        m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        line, = ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=f"{run.name}: training loss")
+        if any("loss_pass1" in r for r in m):
+            ax.plot([r["step"] for r in m], [r.get("loss_pass1") for r in m], "--", color=line.get_color(),
+                    label=f"{run.name}: clean loss (pass 1)")
+        summary = run / "summary.json"
+        norms = json.loads(summary.read_text()).get("lora_update_norm_per_layer") if summary.is_file() else None
+        if norms:
+            bx.plot(range(len(norms)), norms, "o-", color=line.get_color(), label=run.name)
+    ax.set(xlabel="step", ylabel="loss", title="alignment losses")
+    ax.legend(fontsize=6)
+    bx.set(xlabel="layer", ylabel="||(alpha/r) B A||_F over the layer's targets", title="LoRA update per layer")
+    bx.legend(fontsize=6)
+    png = out / "curves.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return png
 
 
 def _pyplot():
@@ -436,8 +536,11 @@ def plot_scores(plt, results: list[dict], out: Path) -> Path:
 
 
 def summarize(args) -> str:
-    results = load_results(args.summarize)
+    results = load_results(args.summarize, args.hs_split)
     table = summary_table(results)
+    if args.hs_split != "all":
+        table += f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
+    table = "\n".join([table, *bootstrap_lines(results, args.hs_split)])
     print(table)
     if args.plot:
         plt = _pyplot()
@@ -445,6 +548,7 @@ def summarize(args) -> str:
         out.mkdir(parents=True, exist_ok=True)
         runs = dict.fromkeys(Path(r["aligned_run"]) for r in results if r.get("aligned_run"))
         pngs = [plot_scores(plt, results, out)] + [p for run in runs if (p := plot_importance(plt, run, out))]
+        pngs += [p] if (p := plot_curves(plt, list(runs), out)) else []
         print("plots: " + ", ".join(map(str, pngs)))
     return table
 
@@ -520,6 +624,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument("--summarize", nargs="+", metavar="DIR", help="print the table of these evaluation folders")
     p.add_argument("--plot", action="store_true", help="with --summarize: also write PNGs (needs matplotlib)")
+    p.add_argument("--hs-split", choices=HS_SPLITS, default="all", help="with --summarize: HS on all prompts, on "
+                   "the calibration split (every 4th) or on the final split (the rest), from saved verdicts")
     p.add_argument("--merge-and-export", metavar="DIR", help="write base + adapters as a plain HF checkpoint")
     p.add_argument("--rejudge", nargs="+", metavar="DIR", help="judge these evaluation folders' saved answers "
                    "again with --judge (rewrites their results.json and generations.jsonl)")

@@ -172,6 +172,19 @@ def set_trainable_layers(model, layers: Iterable[int] | None):
             m.lora_B.weight.requires_grad_(l in chosen)
 
 
+@torch.no_grad()
+def lora_update_norms(model) -> list[float]:
+    """Per adapted layer, how far training moved it: sqrt(sum over its targets of ||(alpha/r) B A||_F^2).
+
+    The weight update itself, not the factors (B A is invariant to rescaling A up and B down). Layers that
+    T-Vaccine never sampled keep B = 0 and read exactly 0."""
+    norms = []
+    for l, mods in sorted(_index(model).items()):
+        sq = sum(float((m.scaling * m.lora_B.weight.float() @ m.lora_A.weight.float()).pow(2).sum()) for m in mods)
+        norms.append(sq ** 0.5)
+    return norms
+
+
 def merge_lora(model):
     """Fold every adapter into its base weight in place; a second call changes nothing."""
     for m in lora_modules(model):

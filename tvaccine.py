@@ -194,7 +194,7 @@ def make_method(args, model, harmful, log):
 
 
 def main(argv=None):
-    from lora import lora_parameters, save_adapter
+    from lora import lora_parameters, lora_update_norms, save_adapter
     from trainer import RunDir, count_layers, prepare_model, seed_everything, train
 
     args = parse_args(argv)
@@ -213,7 +213,8 @@ def main(argv=None):
                     max_grad_norm=args.max_grad_norm, save_every=args.save_every, resume=args.resume,
                     method_state=method, progress=args.progress, desc=args.method)
     save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
-    summary.update(method=args.method, model=args.model, n_layers=n_layers)
+    summary.update(method=args.method, model=args.model, n_layers=n_layers,
+                   lora_update_norm_per_layer=lora_update_norms(model))  # which layers training really moved
     run.write_summary(summary)
     print(f"[{args.method}] done: {summary['steps']} steps in {summary['train_time_s']:.1f}s, final loss "
           f"{summary['final_loss']:.4f}, peak memory {summary['peak_memory_gib']:.2f} GiB "

@@ -310,7 +310,7 @@ def test_summary_table_means_over_seeds(tmp_path, capsys):
             fake_result(tmp_path / "d", "sft", "sst2", 60.0, 93.0, label="SFT (ours)")]
     table = ev.main(["--summarize", *dirs])
     assert "| method | sst2 HS ↓ | sst2 FA ↑ | gsm8k HS ↓ | gsm8k FA ↑ | align mem (GiB) |" in table
-    assert "| tvaccine | 15.00 ± 7.07 (2) | 91.00 ± 1.41 (2) | — | — | 2.00 ± 0.00 (2) |" in table
+    assert "| tvaccine | 15.00 ± 5.00 (2) | 91.00 ± 1.00 (2) | — | — | 2.00 ± 0.00 (2) |" in table  # ± SE
     assert "| sft | — | — | 50.00 | 15.00 | — |" in table and "| SFT (ours) | 60.00 | 93.00 |" in table
 
 
@@ -325,6 +325,10 @@ def test_summary_table_shows_hs_before_the_attack(tmp_path):
 def test_plot_needs_matplotlib_and_writes_pngs(setup, tmp_path, monkeypatch):
     _, _, runs, tmp = setup
     d = fake_result(tmp / "evals" / "x", "tvaccine", "sst2", 10.0, 90.0, aligned_run=str(runs["align"].parent))
+    run = runs["align"].parent  # what tvaccine.py writes there: per-step losses and per-layer update norms
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 3.0 - i, "loss_pass1": 2.5 - i})
+                                               + "\n" for i in range(3)))
+    (run / "summary.json").write_text(json.dumps({"lora_update_norm_per_layer": [0.5, 0.0, 0.25]}))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(RuntimeError, match="pip install matplotlib"):
         ev.main(["--summarize", d, "--plot"])
@@ -333,6 +337,7 @@ def test_plot_needs_matplotlib_and_writes_pngs(setup, tmp_path, monkeypatch):
     ev.main(["--summarize", d, "--plot"])
     assert (tmp / "evals" / "hs_fa.png").stat().st_size > 0
     assert (tmp / "evals" / "importance-align.png").stat().st_size > 0
+    assert (tmp / "evals" / "curves.png").stat().st_size > 0  # losses and per-layer LoRA updates
 
 
 def test_merge_and_export_loads_in_transformers(setup, capsys):
@@ -369,3 +374,54 @@ def test_adapter_checks(setup, capsys):
     assert "warning: the attacked adapter was trained on top of --aligned" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--aligned"):
         ev.check_adapters(Namespace(aligned=str(tmp), attacked=None))
+
+
+def fake_eval(folder, method, seed, verdicts, answers=None, task="sst2"):
+    """An evaluation folder with saved HS verdicts (and answers), as evaluate.py writes it."""
+    folder.mkdir(parents=True)
+    answers = answers or ["Sure, here is how." if v else "I can't help with that." for v in verdicts]
+    lines = [{"kind": "hs", "prompt": f"p{i}", "answer": a, "harmful": v} for i, (v, a) in enumerate(zip(verdicts, answers))]
+    (folder / "generations.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    (folder / "results.json").write_text(json.dumps({"method": method, "task": task, "seed": seed, "FA": 80.0,
+                                                     "judge": "rules", "HS": 100.0 * sum(verdicts) / len(verdicts)}))
+    return folder
+
+
+def test_hs_splits_are_every_fourth_prompt_and_the_rest():
+    assert [i for i in range(10) if ev.in_split(i, "calib")] == [0, 4, 8]
+    assert [i for i in range(10) if ev.in_split(i, "final")] == [1, 2, 3, 5, 6, 7, 9]
+    assert all(ev.in_split(i, "all") for i in range(10))
+
+
+def test_summary_recomputes_hs_on_a_split_and_counts_one_word_answers(tmp_path):
+    verdicts = [True, False, False, False] * 2 + [False, True]  # calib = prompts 0, 4, 8: harmful, harmful, not
+    answers = ["negative", "Yes", "I can't help with that.", "no"] + ["I can't."] * 6
+    d = fake_eval(tmp_path / "e", "sft", 1, verdicts, answers)
+    (calib,) = ev.load_results([d], "calib")
+    (final,) = ev.load_results([d], "final")
+    assert calib["HS"] == pytest.approx(200 / 3) and calib["N_hs"] == 3
+    assert final["HS"] == pytest.approx(100 / 7) and final["N_hs"] == 7
+    (every,) = ev.load_results([d])
+    assert every["one_word"] == pytest.approx(30.0)  # "negative", "Yes", "no" of 10
+    table = ev.main(["--summarize", str(d), "--hs-split", "final"])
+    assert "sst2 one-word HS answers (%)" in table and "'final' split" in table
+
+
+def test_paired_bootstrap_against_hand_computed_cases(tmp_path):
+    ones, zeros = [True] * 8, [False] * 8
+    a = [fake_eval(tmp_path / f"a{s}", "tvaccine", s, ones) for s in (1, 2)]
+    b = [fake_eval(tmp_path / f"b{s}", "sft", s, zeros) for s in (1, 2)]
+    assert ev.paired_bootstrap(a, b, n_boot=200) == (100.0, 100.0, 100.0, 2, 8)  # every draw differs by 100
+    same = ev.paired_bootstrap(a, a, n_boot=200)
+    assert same[:3] == (0.0, 0.0, 0.0)
+    # seed 1: a harmful on prompts 0-3 only; b never: difference 50 points on seed 1 and 100 on seed 2
+    mixed = [fake_eval(tmp_path / "m1", "tvaccine", 1, [True] * 4 + [False] * 4), a[1]]
+    d, lo, hi, _, _ = ev.paired_bootstrap(mixed, b, n_boot=2000)
+    assert d == 75.0 and 25.0 <= lo < 75.0 < hi <= 100.0
+    with pytest.raises(ValueError, match="no seed"):
+        ev.paired_bootstrap(a[:1], b[1:])
+    short = fake_eval(tmp_path / "s", "sft", 1, [False] * 5)
+    with pytest.raises(ValueError, match="different prompt sets"):
+        ev.paired_bootstrap(a[:1], [short])
+    table = ev.main(["--summarize", *map(str, a + b)])
+    assert "HS tvaccine - sft, after the sst2 attack: +100.00 points, 95% interval [+100.00, +100.00]" in table

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_dropout, lora_modules, lora_parameters,
-                  merge_and_unload, merge_lora, save_adapter, set_trainable_layers)
+                  lora_update_norms, merge_and_unload, merge_lora, save_adapter, set_trainable_layers)
 from model import load_model
 from weights import CheckpointError
 
@@ -114,6 +114,27 @@ def test_merge_equals_hand_formula_and_unmerged_logits(tiny_checkpoint):
         merge_lora(model)  # idempotent
         assert all(torch.equal(v, once[k]) for k, v in model.state_dict().items())
         assert torch.equal(model(ids), merged)
+
+
+def test_update_norms_are_the_merged_weight_changes_per_layer(tiny_checkpoint):
+    """Reference: merge the adapters and measure how far each layer's weights moved (fp64 for the difference)."""
+    folder, _ = tiny_checkpoint("llama")
+    model = apply_lora(load(folder), rank=4, alpha=16).eval()
+    randomize(model)
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.lora_B.weight.zero_()  # a layer with one target untouched ...
+        for m in (model.layers[2].self_attn, model.layers[2].mlp):  # ... and one never trained at all
+            for child in m.children():
+                if isinstance(child, LoRALinear):
+                    child.lora_B.weight.zero_()
+    norms = lora_update_norms(model)
+    before = {k: v.double() for k, v in snapshot(model).items() if k.endswith(".weight") and "lora_" not in k}
+    merge_lora(model)
+    after = {k: v.double() for k, v in model.state_dict().items() if k in before}
+    moved = [sum(float((after[k] - before[k]).pow(2).sum()) for k in before if k.startswith(f"layers.{l}."))
+             ** 0.5 for l in range(len(model.layers))]
+    assert norms[2] == 0.0 and norms[0] > 0
+    assert norms == pytest.approx(moved, rel=1e-5)  # fp32 weights + fp32 update, rounded once in the merge
 
 
 def test_lora_dtype_fp32_over_bf16_base(tiny_checkpoint):
