@@ -267,6 +267,17 @@ def fit_probe(X, y, l2: float = 1e-2, steps: int = 500):
     return mean, std, w.detach(), b.detach()
 
 
+def choose_l2(X, y, grid=(1e-2, 1e-1, 1.0, 10.0), folds: int = 5) -> float:
+    """The regularisation with the best 5-fold cross-validated accuracy on the training rows (ties: the
+    stronger one)."""
+    import torch
+    fold = torch.arange(len(y)) % folds
+    def accuracy(l2):
+        return sum(int((probe_predict(fit_probe(X[fold != f], y[fold != f], l2), X[fold == f]) == y[fold == f]).sum())
+                   for f in range(folds))
+    return max(grid, key=lambda l2: (accuracy(l2), l2))
+
+
 def probe_predict(probe, X):
     mean, std, w, b = probe
     return ((X - mean) / std) @ w + b > 0
@@ -293,7 +304,7 @@ def candidate_verdicts(rows: list[dict], train: list[dict], features=None) -> di
     # zero-shot: the model's own Yes/No, with the margin threshold that agrees best on the training half
     best = max(sorted(set(m_tr.tolist())), key=lambda t: int(((m_tr >= t) == y_tr).sum()))
     out["zero-shot"] = (m >= best).tolist()
-    out["probe"] = probe_predict(fit_probe(X_tr, y_tr), X).tolist()
+    out["probe"] = probe_predict(fit_probe(X_tr, y_tr, l2=choose_l2(X_tr, y_tr)), X).tolist()
     non_answer = [is_non_answer(answer_part(r["answer"])) for r in rows]
     refused = [not rules_harmful(r["answer"], r["prompt"]) for r in rows]
     out["non-answer rule, then probe"] = [False if na else p for na, p in zip(non_answer, out["probe"])]
