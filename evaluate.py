@@ -541,8 +541,29 @@ def plot_scores(plt, results: list[dict], out: Path) -> Path:
     return png
 
 
+def per_run_table(results: list[dict], split: str = "all") -> str:
+    """One row per evaluation folder (settings side by side, e.g. a calibration sweep): its folder name, HS
+    under every judge that scored it (all prompts; on a split, the current judge only: the others' verdicts
+    were not kept), FA, and the share of one-word HS answers."""
+    if split != "all":
+        results = [{**r, "HS_by_judge": None} for r in results]
+    judges = list(dict.fromkeys(j for r in results for j in (r.get("HS_by_judge") or {r["judge"]: None})))
+    head = ["evaluation", "task"] + [f"HS ({j})" for j in judges] + ["FA", "one-word HS answers (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        by_judge = {**(r.get("HS_by_judge") or {}), r["judge"]: r["HS"]}  # the current judge on this split
+        cells = [Path(r["dir"]).name, r["task"]] + [_cell([by_judge[j]] if by_judge.get(j) is not None else [])
+                                                     for j in judges]
+        cells += [_cell([r["FA"]] if r.get("FA") is not None else []), _cell([r["one_word"]] if "one_word" in r else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(args) -> str:
     results = load_results(args.summarize, args.hs_split)
+    if args.per_run:
+        print(table := per_run_table(results, args.hs_split))
+        return table
     table = summary_table(results)
     if args.hs_split != "all":
         table += f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
@@ -631,6 +652,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument("--summarize", nargs="+", metavar="DIR", help="print the table of these evaluation folders")
     p.add_argument("--plot", action="store_true", help="with --summarize: also write PNGs (needs matplotlib)")
+    p.add_argument("--per-run", action="store_true", help="with --summarize: one row per folder (a sweep)")
     p.add_argument("--hs-split", choices=HS_SPLITS, default="all", help="with --summarize: HS on all prompts, on "
                    "the calibration split (every 4th) or on the final split (the rest), from saved verdicts")
     p.add_argument("--merge-and-export", metavar="DIR", help="write base + adapters as a plain HF checkpoint")
@@ -665,6 +687,9 @@ def rejudge(args):
             line.pop("score", None)
             if score is not None:
                 line["score"] = score
+        earlier = results.setdefault("HS_by_judge", {})  # what each judge said, so a re-judged table can compare
+        earlier.setdefault(results.get("judge", "unknown"), results.get("HS"))
+        earlier[args.judge] = 100.0 * sum(harmful) / len(harmful)
         results.update(HS=100.0 * sum(harmful) / len(harmful), judge=args.judge,
                        judge_model=args.judge_model if args.judge == "beaver-dam" else None)
         atomic_write_text(d / "generations.jsonl", "".join(json.dumps(l) + "\n" for l in lines))

@@ -330,7 +330,9 @@ def all_features(rows: list[dict], cache: Path | None) -> dict:
     return features
 
 
-def study(labels_path: Path, with_model: bool, cache: Path | None = None) -> dict:
+def study(labels_path: Path, with_model: bool, cache: Path | None = None, fresh_from: int | None = None) -> dict:
+    """fresh_from: the first id of answers drawn after the judge was frozen; their held-out half is also
+    reported on its own (answers nobody had read while writing the rules)."""
     rows = [r for r in load_labels(labels_path) if not r["ambiguous"]]
     choose, held_out = split_halves(rows)
     features = all_features(rows, cache) if with_model else None
@@ -348,6 +350,10 @@ def study(labels_path: Path, with_model: bool, cache: Path | None = None) -> dic
             per_group[g] = agreement([on_held[name][i] for i in idx], [truth_h[i] for i in idx])
         report["candidates"][name] = {"choose": agreement(on_choose[name], truth_c),
                                       "held_out": agreement(on_held[name], truth_h), "per_model": per_group}
+        if fresh_from is not None:
+            idx = [i for i, r in enumerate(held_out) if r["id"] >= fresh_from]
+            report["candidates"][name]["fresh_held_out"] = agreement([on_held[name][i] for i in idx],
+                                                                     [truth_h[i] for i in idx])
     return report
 
 
@@ -356,12 +362,18 @@ def _group(row: dict) -> str:
 
 
 def study_table(report: dict) -> str:
+    fresh = any("fresh_held_out" in r for r in report["candidates"].values())
     lines = ["| judge | agreement, choose half | kappa, choose half | agreement, held-out half | kappa, held-out "
-             "half | HS judge / labels, held-out |", "|---|---|---|---|---|---|"]
+             "half | HS judge / labels, held-out |" + (" agreement, fresh held-out |" if fresh else ""),
+             "|---|---|---|---|---|---|" + ("---|" if fresh else "")]
     for name, r in report["candidates"].items():
         c, h = r["choose"], r["held_out"]
-        lines.append(f"| {name} | {100 * c['agreement']:.1f}% | {c['kappa']:.2f} | {100 * h['agreement']:.1f}% | "
-                     f"{h['kappa']:.2f} | {h['hs_judge']:.1f} / {h['hs_labels']:.1f} |")
+        line = (f"| {name} | {100 * c['agreement']:.1f}% | {c['kappa']:.2f} | {100 * h['agreement']:.1f}% | "
+                f"{h['kappa']:.2f} | {h['hs_judge']:.1f} / {h['hs_labels']:.1f} |")
+        if fresh:
+            f = r["fresh_held_out"]
+            line += f" {100 * f['agreement']:.1f}% (n={f['n']}) |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -370,13 +382,15 @@ def main(argv=None):
     p.add_argument("--study", metavar="LABELS", help="labels.jsonl: agreement and kappa of every candidate")
     p.add_argument("--no-model", action="store_true", help="--study: rule-based candidates only")
     p.add_argument("--out", default=None, help="--study: also write the report as JSON here")
+    p.add_argument("--fresh-from", type=int, default=None, help="--study: first id drawn after the judge was "
+                   "frozen (its held-out half is also reported alone)")
     p.add_argument("--feature-cache", default="runs/judge-features.pt", help="--study: cache of the probe "
                    "features by label id ('' = none)")
     args = p.parse_args(argv)
     if not args.study:
         p.error("nothing to do: pass --study LABELS")
     report = study(Path(args.study), with_model=not args.no_model,
-                   cache=Path(args.feature_cache) if args.feature_cache else None)
+                   cache=Path(args.feature_cache) if args.feature_cache else None, fresh_from=args.fresh_from)
     print(study_table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

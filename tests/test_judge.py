@@ -98,5 +98,6 @@ def test_evaluate_uses_the_rules_judge_when_asked(tmp_path):
     ev.main(["--rejudge", str(d), "--judge", "rules"])
     results = json.loads((d / "results.json").read_text())
     assert results["judge"] == "rules" and results["HS"] == pytest.approx(100 / 3)
+    assert results["HS_by_judge"] == {"keyword": 100.0, "rules": pytest.approx(100 / 3)}
     verdicts = [json.loads(l)["harmful"] for l in (d / "generations.jsonl").read_text().splitlines()]
     assert verdicts == [False, True, False]

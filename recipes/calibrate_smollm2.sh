@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Calibration runs on SmolLM2-135M (issue 12, part 1): one seed, every stage resumable (skipped when its output
+# exists). Each run is "name|tvaccine.py flags" for alignment and "name|attack.py flags" for attacks; every
+# aligned model is evaluated before the attack (HS only) and after each attack (HS + SST-2 FA).
+#   RUNS="sft tvaccine-r3" ATTACKS="a1e-3" bash recipes/calibrate_smollm2.sh    # a subset, e.g. one per core
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-runs/calib}
+SEED=${SEED:-1}
+
+COMMON_ALIGN="--data-dir $DATA --max-len 128 --batch-size 10 --n-align 200 --n-harmful 100
+              --refresh-every 10 --resample-every 2 --save-every 20 --no-progress --seed $SEED"
+declare -A ALIGN=(
+  [sft]="--method sft --epochs 2"
+  [vaccine-r3]="--method vaccine --rho 3 --epochs 2"
+  [tvaccine-r3]="--method tvaccine --rho 3 --gamma 8 --epochs 2"
+  [tvaccine-r1]="--method tvaccine --rho 1 --gamma 8 --epochs 2"
+  [tvaccine-r0.3]="--method tvaccine --rho 0.3 --gamma 8 --epochs 2"
+  [vaccine-r1]="--method vaccine --rho 1 --epochs 2"
+  [tvaccine-r1-g16]="--method tvaccine --rho 1 --gamma 16 --epochs 2"      # more layers trained per step
+  [tvaccine-r1-e4]="--method tvaccine --rho 1 --gamma 8 --epochs 4"        # twice the alignment length
+  [sft-e4]="--method sft --epochs 4"
+  [repnoise]="--method repnoise --epochs 2"
+  [tar]="--method tar --epochs 2"
+)
+COMMON_ATTACK="--data-dir $DATA --max-len 128 --batch-size 10 --task sst2 --poison-ratio 0.1
+               --n-harmful-defender 100 --save-every 20 --no-progress --seed $SEED"
+declare -A ATTACK=(
+  [a1e-3]="--samples 200 --epochs 2 --lr 1e-3"           # the README's first regime: 40 steps
+  [a2e-4]="--samples 400 --epochs 4 --lr 2e-4"           # gentler, longer: 160 steps
+  [a5e-4]="--samples 400 --epochs 4 --lr 5e-4"           # between the two, 160 steps
+)
+EVAL="--data-dir $DATA --judge rules --n-hs 200 --max-new-tokens-hs 64 --n-fa 100 --max-new-tokens-fa 16
+      --batch-size 16 --no-progress --seed $SEED"
+
+stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
+# a run folder holding a checkpoint continues from it; anything else starts over
+fresh_or_resume() { if [ -e "$1/checkpoint.pt" ]; then echo --resume; else echo --overwrite; fi; }
+
+RUNS=${RUNS:-"nonaligned sft tvaccine-r3 vaccine-r3"}
+ATTACKS=${ATTACKS:-"a1e-3 a2e-4"}
+for run in $RUNS; do
+  if [ "$run" = nonaligned ]; then
+    aligned=(); label=(--label non-aligned)
+  else
+    stage $OUT/align-$run/summary.json python tvaccine.py $COMMON_ALIGN ${ALIGN[$run]} --out $OUT/align-$run \
+      $(fresh_or_resume $OUT/align-$run)
+    aligned=(--aligned $OUT/align-$run/adapter); label=(--label $run)
+  fi
+  stage $OUT/eval-$run-aligned/results.json \
+    python evaluate.py $EVAL --task none "${aligned[@]}" "${label[@]}" --out $OUT/eval-$run-aligned
+  for atk in $ATTACKS; do
+    stage $OUT/attack-$run-$atk/summary.json \
+      python attack.py $COMMON_ATTACK ${ATTACK[$atk]} "${aligned[@]}" --out $OUT/attack-$run-$atk \
+        $(fresh_or_resume $OUT/attack-$run-$atk)
+    stage $OUT/eval-$run-$atk/results.json \
+      python evaluate.py $EVAL --task sst2 "${aligned[@]}" "${label[@]}" --attacked $OUT/attack-$run-$atk/adapter \
+        --out $OUT/eval-$run-$atk
+  done
+done

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Copy the small artefacts of FINISHED runs (configs, summaries, metrics, importance, results, judged
+# generations; never adapters or checkpoints) from a runs folder into results/, where git keeps them, and point
+# the copies' provenance at the copies:  bash recipes/collect.sh runs/calib results/cpu_smollm2/calib
+set -euo pipefail
+SRC=${1%/}; DST=${2%/}
+mkdir -p "$DST"
+for run in "$SRC"/*/; do
+  run=${run%/}; name=$(basename "$run")
+  [ -e "$run/summary.json" ] || [ -e "$run/results.json" ] || continue   # still running: not yet
+  mkdir -p "$DST/$name"
+  find "$run" -maxdepth 1 -type f \( -name '*.json' -o -name '*.jsonl' \) -exec cp {} "$DST/$name/" \;
+done
+# evaluate.py records where the aligned run was (for --summarize --plot): the copy's own folder from now on
+find "$DST" -name results.json -exec sed -i -E "s#\"[^\"]*$SRC/(align-[^\"/]*)\"#\"$DST/\\1\"#g" {} +
