@@ -144,7 +144,7 @@ def test_resume_refuses_a_malicious_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_our_checkpoints_hold_only_plain_types(tiny_checkpoint, tmp_path):
-    """Every method's checkpoint (T-Vaccine's P, S and sampler included) loads with weights_only=True, and the
+    """Every method's checkpoint (T-Vaccine's P, S and sampler, RepNoise, TAR) loads with weights_only=True, and the
     RNG states it restores are the ones saved (python, numpy, torch)."""
     import random
 
@@ -153,7 +153,7 @@ def test_our_checkpoints_hold_only_plain_types(tiny_checkpoint, tmp_path):
     from trainer import rng_state, set_rng_state
     folder, _ = tiny_checkpoint("llama", layers=4)
     data_dir = write_safety(tmp_path / "data")
-    for method in ("tvaccine", "vaccine", "sft"):
+    for method in ("tvaccine", "vaccine", "sft", "repnoise", "tar"):
         out = tmp_path / method
         tvaccine.main(cli_args(folder, data_dir, out, "--method", method, "--epochs", "1"))
         ck = load_checkpoint(out / "checkpoint.pt")
