@@ -5,7 +5,7 @@ process group (one launch for every check: starting processes is the slow part o
 
 runs.json: [{"stage": "tvaccine" | "attack" | "evaluate", "argv": [...], "interrupt": null | [rank, call]}, ...];
 "interrupt" raises SIGINT (Ctrl-C) in that rank only, in its call-th perturbed/SFT step. record.json (rank 0):
-every rank's sampled layer sets S, in order, for the test to compare.
+every rank's sampled layer sets S, in order, and what FSDP made of a small model on each rank.
 """
 import json
 import signal
@@ -15,8 +15,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
-torch.set_num_threads(1)
 
 import attack  # noqa: E402
 import dist  # noqa: E402
@@ -59,7 +57,29 @@ def interrupt_in_step(rank: int, call: int):
     return restore
 
 
+def fsdp_layout() -> dict:
+    """dist.shard_model on a small fp32 model: this rank's bytes of base weights, FSDP units, the LoRA factors."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from lora import apply_lora, lora_parameters
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**FSDP_MODEL))
+    apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    dist.shard_model(model, lora_parameters(model), torch.device("cpu"))
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    lora = lora_parameters(model)
+    return {"local_bytes": sum(p.to_local().numel() * p.element_size() for p in base),
+            "all_base_sharded": all(isinstance(p, DTensor) for p in base),
+            "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+            "lora_whole_and_trainable": all(not isinstance(p, DTensor) and p.requires_grad for p in lora)}
+
+
+FSDP_MODEL = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
+
+
 def main(runs_file: str, record_file: str):
+    torch.set_num_threads(1)  # two processes on a shared CPU
     dist.init()
     layers = []
     record_sampled_layers(layers)
@@ -72,9 +92,10 @@ def main(runs_file: str, record_file: str):
                 raise
         if restore:
             restore()
-    everyone = dist.gather_objects(layers)
+    everyone, layouts = dist.gather_objects(layers), dist.gather_objects(fsdp_layout())
     if dist.is_main():
-        Path(record_file).write_text(json.dumps({"sampled_layers": everyone, "world_size": dist.world_size()}))
+        Path(record_file).write_text(json.dumps({"sampled_layers": everyone, "world_size": dist.world_size(),
+                                                 "fsdp_layout": layouts}))
     dist.finish()
 
 

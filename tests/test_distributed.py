@@ -176,6 +176,19 @@ def test_fsdp_tvaccine_equals_one_process(runs):
     assert json.loads((fsdp / "summary.json").read_text())["fsdp"] is True
 
 
+def test_fsdp_shards_every_base_weight_and_leaves_lora_whole(runs):
+    """What dist.shard_model does on 2 ranks is what bench.py's FSDP memory estimate assumes."""
+    import bench
+    from dist_worker import FSDP_MODEL
+    from model import ModelArgs
+    args = ModelArgs(**FSDP_MODEL)
+    layout = bench.fsdp_layout(args, torch.float32)
+    ranks = runs["record"]["fsdp_layout"]
+    assert all(r["all_base_sharded"] and r["lora_whole_and_trainable"] for r in ranks)
+    assert all(r["units"] == 2 * args.n_layers + 1 for r in ranks)  # attention + MLP per layer, and the root
+    assert [r["local_bytes"] for r in ranks] == [layout["total"] // 2] * 2  # even shapes: exact halves
+
+
 def test_fsdp_needs_torchrun(tmp_path):
     with pytest.raises(ValueError, match="torchrun"):
         tvaccine.main(["--model", "unused", "--out", str(tmp_path / "x"), "--fsdp"])
