@@ -211,8 +211,9 @@ class stop_at_step_boundary_on_ctrl_c:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[train] Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
+        if dist.is_main():  # under torchrun every rank gets the signal: one message
+            print("\n[train] Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
