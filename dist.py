@@ -91,8 +91,9 @@ def check_split(n_examples: int, batch_size: int, flag: str, what: str):
         raise ValueError(f"{flag} {batch_size} is not divisible by the {n} processes: each process takes "
                          f"{flag} / N rows of every global batch; choose a multiple of {n}")
     if 0 < n_examples % batch_size < n:
-        raise ValueError(f"{what} has {n_examples} examples: its last batch of {n_examples % batch_size} rows "
-                         f"cannot be split over {n} processes; change the data size or {flag}")
+        raise ValueError(f"{what} has {n_examples} examples, so the last batch of each epoch holds "
+                         f"{n_examples % batch_size} row(s): fewer than the {n} processes; change the data size "
+                         f"or {flag}")
 
 
 def local_rows(batch: dict) -> dict:

@@ -4,8 +4,9 @@ process group (one launch for every check: starting processes is the slow part o
     torchrun --nproc_per_node 2 tests/dist_worker.py runs.json record.json
 
 runs.json: [{"stage": "tvaccine" | "attack" | "evaluate", "argv": [...], "interrupt": null | [rank, call]}, ...];
-"interrupt" raises SIGINT (Ctrl-C) in that rank only, in its call-th perturbed/SFT step. record.json (rank 0):
-every rank's sampled layer sets S, in order, and what FSDP made of a small model on each rank.
+"interrupt" raises SIGINT (Ctrl-C) in that rank only, in its call-th perturbed/SFT step; "refused": the stage must
+fail with a ValueError (its message is recorded). record.json (rank 0): every rank's sampled layer sets S, in order,
+the refusals' messages, and what FSDP made of a small model on each rank.
 """
 import json
 import signal
@@ -81,21 +82,27 @@ FSDP_MODEL = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hi
 def main(runs_file: str, record_file: str):
     torch.set_num_threads(1)  # two processes on a shared CPU
     dist.init()
-    layers = []
+    layers, refusals = [], []
     record_sampled_layers(layers)
     for run in json.loads(Path(runs_file).read_text()):
         restore = interrupt_in_step(*run["interrupt"]) if run.get("interrupt") else None
         try:
             STAGES[run["stage"]](run["argv"])
+            if run.get("refused"):
+                raise AssertionError(f"{run['argv']} ran under torchrun; it should have been refused")
         except SystemExit as e:  # the interrupted run: a checkpoint was saved, exit code 130
             if e.code != 130:
                 raise
+        except ValueError as e:
+            if not run.get("refused"):
+                raise
+            refusals.append(str(e))
         if restore:
             restore()
     everyone, layouts = dist.gather_objects(layers), dist.gather_objects(fsdp_layout())
     if dist.is_main():
         Path(record_file).write_text(json.dumps({"sampled_layers": everyone, "world_size": dist.world_size(),
-                                                 "fsdp_layout": layouts}))
+                                                 "fsdp_layout": layouts, "refusals": refusals}))
     dist.finish()
 
 

@@ -1,8 +1,9 @@
 """Data parallelism (torchrun, gloo, 2 CPU processes) against the single-process run it must reproduce.
 
 One torchrun launch (tests/dist_worker.py) runs SFT, Vaccine and T-Vaccine alignment, a T-Vaccine run
-interrupted by a Ctrl-C that reaches one rank only and then resumed, the attack, and the evaluation; the same
-stages run here in one process. Tiny random Llama, LoRA dropout 0, global batch 4 (2 rows per rank), 14 alignment
+interrupted by a Ctrl-C that reaches one rank only and then resumed, T-Vaccine with --fsdp, the attack, the
+evaluation, and runs that must be refused (RepNoise, TAR, batches that do not split); the same stages run here in
+one process. Tiny random Llama, LoRA dropout 0, global batch 4 (2 rows per rank), 14 alignment
 examples so that each epoch ends with a batch of 2 (1 row per rank), and answers of different lengths so that the
 ranks hold different numbers of target tokens (the loss must be normalised by the global count).
 
@@ -94,6 +95,10 @@ def runs(tmp_path_factory):
              {"stage": "tvaccine", "argv": cut + ["--resume"]},
              {"stage": "tvaccine", "argv": common + ALIGN + ["--method", "tvaccine", "--fsdp",
                                                             "--out", str(tmp / "dp" / "fsdp")]}]
+    spec += [{"stage": "tvaccine", "refused": True, "argv": common + ALIGN + extra + ["--out", str(tmp / "dp" / name)]}
+             for name, extra in (("repnoise", ["--method", "repnoise"]), ("tar", ["--method", "tar"]),
+                                 ("odd", ["--method", "sft", "--batch-size", "3"]),
+                                 ("last-batch", ["--method", "sft", "--n-align", "13"]))]
     (tmp / "runs.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = subprocess.Popen(
@@ -187,6 +192,13 @@ def test_fsdp_shards_every_base_weight_and_leaves_lora_whole(runs):
     assert all(r["all_base_sharded"] and r["lora_whole_and_trainable"] for r in ranks)
     assert all(r["units"] == 2 * args.n_layers + 1 for r in ranks)  # attention + MLP per layer, and the root
     assert [r["local_bytes"] for r in ranks] == [layout["total"] // 2] * 2  # even shapes: exact halves
+
+
+def test_what_cannot_be_split_over_ranks_is_refused(runs):
+    repnoise, tar, odd, last = runs["record"]["refusals"]
+    assert "--method repnoise runs in one process only" in repnoise and "--method tar" in tar
+    assert "--batch-size 3 is not divisible by the 2 processes" in odd
+    assert "13 examples, so the last batch of each epoch holds 1 row(s): fewer than the 2 processes" in last
 
 
 def test_fsdp_needs_torchrun(tmp_path):
