@@ -309,7 +309,7 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
                     bar.close()
                     if dist.is_main():
                         print(f"\n[{desc}] interrupted after step {step}: checkpoint saved to "
-                          f"{run.checkpoint_path}; rerun the same command with --resume to continue.")
+                              f"{run.checkpoint_path}; rerun the same command with --resume to continue.")
                     raise SystemExit(130)
                 if step >= total:
                     break
@@ -390,10 +390,8 @@ def count_layers(model_name: str) -> int:
 
 def prepare_model(args, adapter_to_merge: str | None = None):
     """Load the base model, optionally fold an adapter into it, and add a fresh trainable LoRA."""
-    from lora import apply_lora, load_adapter, merge_and_unload
-    from model import load_model
-    from lora import lora_parameters
-    from model import default_dtype
+    from lora import apply_lora, load_adapter, lora_parameters, merge_and_unload
+    from model import default_dtype, load_model
     device = dist.device(args.device)
     checkpointing = args.checkpointing if args.checkpointing is not None else device.type == "cuda"
     # FSDP: the whole model is built in host memory, then each rank moves only its shard to its GPU.
