@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+import dist
 from trainer import add_common_args, check_common_args, cli, count_layers, prepare_model
 from tvaccine import sft_step
 
@@ -56,6 +57,7 @@ def load_attack_data(args, tokenizer):
     rows = data.attack_set(task_rows, safety_rows, args.task, n=args.samples, p=args.poison_ratio,
                            n_harmful_defender=args.n_harmful_defender, seed=args.seed)
     examples = data.tokenize_dataset(tokenizer, rows, args.max_len, f"attack set ({args.task})")
+    dist.check_split(len(examples), args.batch_size, "--batch-size", "the attack set")
     return data.Batches(examples, args.batch_size, data.pad_id_of(tokenizer), seed=args.seed)
 
 
@@ -74,11 +76,16 @@ def main(argv=None):
                     run, lr=args.lr, epochs=args.epochs, weight_decay=args.weight_decay,
                     warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                     save_every=args.save_every, resume=args.resume, progress=args.progress, desc="attack")
-    save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
+    if dist.is_main():
+        save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
     summary.update(method="attack", model=args.model, aligned=args.aligned, task=args.task)
+    if dist.parallel():
+        summary.update(processes=dist.world_size(), fsdp=args.fsdp)
     run.write_summary(summary)
-    print(f"[attack] done: {summary['steps']} steps in {summary['train_time_s']:.1f}s, final loss "
-          f"{summary['final_loss']:.4f}; adapter in {run.path / 'adapter'}")
+    dist.barrier()  # the adapter is on disk when any rank returns
+    if dist.is_main():
+        print(f"[attack] done: {summary['steps']} steps in {summary['train_time_s']:.1f}s, final loss "
+              f"{summary['final_loss']:.4f}; adapter in {run.path / 'adapter'}")
     return summary
 
 

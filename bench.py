@@ -13,6 +13,9 @@
    after a warmup round, fp32, 10 x 200 right-padded, labels on the last 30% of each row; importance timed apart;
    then T-Vaccine step time and 7B memory against gamma.
 3. Generation: model.generate (batched, KV cache, greedy) vs transformers' generate, 16 prompts, 128 new tokens.
+4. Per-GPU peak memory on N GPUs (torchrun), Llama-2-13B and a Llama-2-70B-shaped model on 2, 4 and 8 GPUs, data
+   parallel vs FSDP, SFT vs T-Vaccine, a global batch split over the GPUs: one rank's step measured with the tracker
+   of section 1 (its local rows, full weights), FSDP's weight layout computed from the model's shapes (`fsdp_layout`).
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 rena
 GiB, MiB = 2 ** 30, 2 ** 20
 RHO, RANK, ALPHA, DROPOUT = 3.0, 8, 4.0, 0.1
 LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-5)
+LLAMA2_13B = ModelArgs(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-5)
+LLAMA2_70B = ModelArgs(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                       norm_eps=1e-5)
 MID = ModelArgs(vocab_size=32000, dim=1024, n_layers=8, n_heads=16, hidden_dim=2816)
 METHODS = ("sft", "vaccine", "tvaccine", "repnoise", "tar")
 WITH_REF = ("sft", "vaccine", "tvaccine")  # the reference stack (the public code's step) exists for these only
@@ -793,12 +799,82 @@ def section3(a):
     print(f"| seconds | {o:.2f} | {h:.2f} | | | |\n")
 
 # ----------------------------------------------------------------------------------------------------------------
+# 4. Per-GPU memory on N GPUs: data parallel vs FSDP
+
+GPUS = (2, 4, 8)
+MULTI_GPU_MODELS = {"Llama-2-13B": LLAMA2_13B, "70B-shaped (Llama-2-70B)": LLAMA2_70B}
+
+
+def fsdp_layout(args: ModelArgs, dtype=torch.bfloat16) -> dict:
+    """Bytes of FSDP's units as dist.shard_model makes them: each attention and MLP sub-block is a unit, the rest
+    (embeddings, LM head, every norm) is the root unit. Frozen base weights only (LoRA stays outside FSDP)."""
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    units = [size(m) for b in model.layers for m in (b.self_attn, b.mlp)]
+    total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return {"total": total, "root": total - sum(units), "largest_unit": max(units)}
+
+
+def fsdp_weights_per_gpu(layout: dict, n: int) -> int:
+    """One rank's weight bytes at its peak under FSDP: its 1/N shard of every unit, the root unit whole (FSDP does
+    not reshard the root between forward and backward), and three times the largest unit: the one computing, the
+    one prefetched for backward, and the all-gather buffer the unit's weights are copied out of."""
+    return layout["total"] // n + layout["root"] + 3 * layout["largest_unit"]
+
+
+def section4(a):
+    print("## 4. Per-GPU peak memory on N GPUs (torchrun): data parallel vs FSDP\n")
+    B, T = a.multi_gpu_batch, a.seq_len
+    print(f"Global batch {B} x {T} (split over the GPUs: {B} // N rows each; no padding), the importance batch the "
+          "same; bf16 weights, LoRA r8 (fp32) with AdamW state on q,k,v,o,gate,up,down; activation checkpointing (the "
+          "GPU default); one step after T-Vaccine's importance pass; T-Vaccine gamma 8 with S holding layer 0 (the "
+          "worst case).\n\n"
+          "- **Measured** (section 1's tracker on the `meta` device): one rank's whole step with full weights and its "
+          f"{B} // N local rows: weights, LoRA, gradients, AdamW state, activations. This is the data-parallel "
+          "column, plus the gradient all-reduce's two flat fp32 copies of the LoRA gradients (computed).\n"
+          "- **Computed** (FSDP): the measured figure minus the full weights plus `fsdp_weights_per_gpu`: the rank's "
+          "1/N of the base weights, the root unit (embeddings, LM head, norms) whole, and 3 x the largest sub-block "
+          "(computing, prefetched, all-gather buffer): an upper bound, since these peaks need not coincide.\n")
+    print("| model | method | GPUs | rows / GPU | data parallel (GiB / GPU) | FSDP (GiB / GPU) | "
+          "weights DP / FSDP (GiB) | fits 24 / 40 / 80 GiB cards (DP; FSDP) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, args in MULTI_GPU_MODELS.items():
+        layout = fsdp_layout(args)
+        for method in ("sft", "tvaccine"):
+            S = spread(args.n_layers, 8) if method == "tvaccine" else list(range(args.n_layers))
+            for n in GPUS:
+                rows = B // n
+                batch, harm = make_batch(rows, T, args.vocab_size, 0, False), make_batch(rows, T, args.vocab_size, 1,
+                                                                                        False)
+                m = peak_memory("ours", args, method, "meta", S, batch, harm, steps=1)
+                lora_bytes = sum(4 * (RANK * (m_in + m_out)) for m_in, m_out in lora_shapes(args))
+                dp = m["peak"] + 2 * lora_bytes
+                fsdp = dp - m["weights"] + fsdp_weights_per_gpu(layout, n)
+                # a card fits when the peak is within 90% of it (CUDA context, allocator rounding, fragmentation)
+                fits = lambda x: "/".join("y" if x <= 0.9 * g * GiB else "n" for g in (24, 40, 80))  # noqa: E731
+                print(f"| {name} | {method} | {n} | {rows} | {gib(dp)} | {gib(fsdp)} | {gib(m['weights'])} / "
+                      f"{gib(fsdp_weights_per_gpu(layout, n))} | {fits(dp)}; {fits(fsdp)} |")
+    print()
+
+
+def lora_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(in, out) of every adapted linear (q, k, v, o, gate, up, down of every layer)."""
+    kv = args.n_kv_heads * args.head_dim
+    q = args.n_heads * args.head_dim
+    per_layer = [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim),
+                 (args.dim, args.hidden_dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    return per_layer * args.n_layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="1,2,3", help="sections to run, e.g. 1,3")
+    p.add_argument("--sections", default="1,2,3", help="sections to run, e.g. 1,3; 4 (N GPUs) runs on request")
+    p.add_argument("--multi-gpu-batch", type=int, default=8, help="section 4: global batch (divisible by 8)")
     p.add_argument("--steps", type=int, default=3, help="section 2: timed rounds (after one warmup round)")
     p.add_argument("--models", default="smollm2,mid", help=f"section 2: smollm2 and/or mid (a random Llama, "
                    f"{MID.n_layers} layers, dim {MID.dim}, vocab {MID.vocab_size})")
@@ -834,6 +910,8 @@ def main(argv=None):
         gamma_table(a, gammas, smollm2)
     if 3 in sections:
         section3(a)
+    if 4 in sections:
+        section4(a)
     print(f"Total time: {(time.perf_counter() - t0) / 60:.1f} min; load average at the end: {load()}.")
 
 

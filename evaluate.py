@@ -215,8 +215,9 @@ def load_evaluated_model(args):
     """Base model, then the aligned adapter merged, then the attacked adapter merged (the attack's order)."""
     from lora import load_adapter, merge_and_unload
     from model import load_model
+    import dist
     from trainer import DTYPES
-    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
+    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=dist.device(args.device))
     for adapter in (args.aligned, args.attacked):
         if adapter:
             load_adapter(model, adapter)
@@ -254,16 +255,22 @@ def check_adapters(args):
 
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, desc, progress) -> list[str]:
-    """Greedy answers in input order; prompts of similar length share a batch (less left padding)."""
+    """Greedy answers in input order; prompts of similar length share a batch (less left padding).
+
+    Under torchrun the batches are dealt out whole, round-robin, to the ranks: each batch is the one a single
+    process would run, so the gathered answers are the single-process answers, in the same order."""
+    import dist
     from tqdm import tqdm
     from model import generate
     order = sorted(range(len(prompts)), key=lambda i: len(tokenizer.encode(prompts[i])))
-    answers = [None] * len(prompts)
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, file=sys.stdout):
+    mine = range(0, len(order), batch_size)[dist.rank()::dist.world_size()]
+    answers = {}
+    for s in tqdm(mine, desc=desc, disable=not progress or not dist.is_main(), file=sys.stdout):
         idx = order[s:s + batch_size]
         for i, text in zip(idx, generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
             answers[i] = response_text(text)
-    return answers
+    gathered = {i: a for part in dist.gather_objects(answers) for i, a in part.items()}
+    return [gathered[i] for i in range(len(prompts))]
 
 
 def response_text(generated: str) -> str:
@@ -318,6 +325,9 @@ def evaluate(args) -> dict:
     fa = [] if args.task == "none" else data.fa_set(
         args.task, data.LOADERS[args.task](data.FA_SPLIT[args.task], args.data_dir), args.n_fa)
     hs_answers, fa_answers = answer_all(args, hs_prompts, fa)
+    import dist
+    if not dist.is_main():  # every rank generated its share; rank 0 judges and writes
+        return None
     harmful, scores = judge_hs(args, judge_folder, hs_prompts, hs_answers)
     correct = [FA_CORRECT[args.task](a, e["gold"]) for a, e in zip(fa_answers, fa)]
 
@@ -698,8 +708,11 @@ def rejudge(args):
 
 
 def main(argv=None):
+    import dist
     args = parse_args(argv)
     check_args(args)
+    if dist.parallel() and (args.summarize or args.merge_and_export or args.rejudge):
+        raise ValueError("--summarize, --merge-and-export and --rejudge run in one process: use python, not torchrun")
     if args.summarize:
         return summarize(args)
     if args.merge_and_export:

@@ -390,6 +390,11 @@ class Transformer(nn.Module):
         """h_l + eps_l (eps a constant), h_l handed out, or a hook on its gradient; all in the (B, T, dim) layout."""
         if unpadded is not None:
             h = unpadded.unpack(h)
+        elif h.requires_grad:
+            # A node of its own, as unpack makes for a padded batch: a backward that stops at h_l (autograd.grad)
+            # then never reaches the attention module's output, padded or not. With FSDP, reaching it gathers the
+            # module's weights, and ranks with and without padding would run different collectives.
+            h = h.view_as(h)
         if eps is not None:
             h = h + eps.detach()
         if (expose or grad_fn) and not h.requires_grad and torch.is_grad_enabled():
@@ -435,14 +440,19 @@ class Transformer(nn.Module):
         x, _ = self.forward_hidden(input_ids, attention_mask, **kw)
         return self.logits(x)
 
-    def loss(self, x, labels):
-        """Mean next-token cross-entropy over labelled positions; the vocabulary projection runs only there."""
+    def loss(self, x, labels, n_targets: int | None = None):
+        """Mean next-token cross-entropy over labelled positions; the vocabulary projection runs only there.
+
+        n_targets: divide the sum by this count instead of this batch's own (data parallel: the global batch's
+        count, so that the ranks' losses add up to the mean over the global batch)."""
         targets = labels[:, 1:]
         keep = targets != -100
         if not keep.any():
             raise ValueError("batch has no target tokens (all labels are -100): nothing to learn from")
         logits = self.logits(x[:, :-1][keep])  # (N, vocab) for the N answer tokens only
-        return F.cross_entropy(logits.float(), targets[keep])
+        if n_targets is None:
+            return F.cross_entropy(logits.float(), targets[keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_targets
 
 
 # ----------------------------------------------------------------------------------------------------------------

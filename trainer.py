@@ -6,6 +6,9 @@
   a checkpoint every N steps and on Ctrl-C, exact resume (optimizer, schedule, RNG, data order, method
   state), and a hard stop on a NaN/inf loss that keeps the last good checkpoint.
 - Peak memory: `torch.cuda.max_memory_allocated` on GPU (reset when the stage starts), peak RSS on CPU.
+- Under torchrun (dist.py): each rank trains on its rows of every global batch, gradients are summed over the
+  ranks before clipping, and only rank 0 writes (folder, logs, checkpoints, progress bar); a checkpoint holds
+  every rank's RNG state, so a run resumed with the same number of processes continues exactly.
 - The command line every stage shares: `add_common_args` / `check_common_args` (flags and their checks),
   `count_layers` (depth from the config alone), `prepare_model` (load, merge, fresh LoRA), `cli` (one-line errors).
 """
@@ -26,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import dist
+
 CHECKPOINT = "checkpoint.pt"
 # Keys that may differ between an interrupted run and its resumption.
 RESUME_FREE_KEYS = {"resume", "overwrite", "save_every", "progress"}
@@ -37,7 +42,12 @@ RESUME_FREE_KEYS = {"resume", "overwrite", "save_every", "progress"}
 class RunDir:
     def __init__(self, path: str | Path, config: dict, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
+        if dist.parallel():  # resuming with another number of processes is refused as a settings change
+            config = {**config, "world_size": dist.world_size()}
         self.config = config
+        self.writes = dist.is_main()  # the other ranks only read (a checkpoint to resume from)
+        if not self.writes:
+            return
         previous = self.path / "config.json"
         if previous.exists():
             old = json.loads(previous.read_text())
@@ -63,11 +73,15 @@ class RunDir:
         return self.path / CHECKPOINT
 
     def log(self, name: str, record: dict):
+        if not self.writes:
+            return
         with open(self.path / name, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_logs(self, step: int):
         """On resume, drop log lines written after the checkpoint, so each step appears once."""
+        if not self.writes:
+            return
         for name in ("metrics.jsonl", "importance.jsonl"):
             f = self.path / name
             if f.exists():
@@ -75,7 +89,8 @@ class RunDir:
                 atomic_write_text(f, "".join(l + "\n" for l in keep))
 
     def write_summary(self, summary: dict):
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+        if self.writes:
+            atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
 
 
 def atomic_write_text(path: Path, text: str):
@@ -139,6 +154,15 @@ def rng_state() -> dict:
     return state
 
 
+def rank_rng_state(ck: dict, path: Path) -> dict:
+    """This rank's RNG state from a checkpoint; refuse one written by another number of processes."""
+    written_by = ck.get("world_size", 1)
+    if written_by != dist.world_size():
+        raise ValueError(f"{path} was written by {written_by} process(es); resume it with the same number "
+                         f"(now {dist.world_size()})")
+    return ck["rng_per_rank"][dist.rank()] if written_by > 1 else ck["rng"]
+
+
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     py = state["python"]
@@ -187,8 +211,9 @@ class stop_at_step_boundary_on_ctrl_c:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[train] Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
+        if dist.is_main():  # under torchrun every rank gets the signal: one message
+            print("\n[train] Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -214,6 +239,7 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
 
     device = params[0].device
     total = epochs * len(batches)
+    progress = progress and dist.is_main()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup_ratio))
     named = {id(p): n for n, p in model.named_parameters()}
@@ -229,16 +255,21 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
         batches.load_state_dict(ck["batches"])
         if method_state is not None:
             method_state.load_state_dict(ck["method"])
-        set_rng_state(ck["rng"])
+        set_rng_state(rank_rng_state(ck, run.checkpoint_path))
         run.truncate_logs(start)
-        print(f"[{desc}] resumed at step {start}/{total} from {run.checkpoint_path}")
+        if dist.is_main():
+            print(f"[{desc}] resumed at step {start}/{total} from {run.checkpoint_path}")
 
     def save(step):
+        rng = dist.gather_objects(rng_state())  # every rank's RNG (dropout masks differ by rank)
+        if not run.writes:
+            return
         atomic_torch_save({
             "step": step, "elapsed": elapsed,
             "params": {named[id(p)]: p.detach().cpu() for p in params},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "batches": batches.state_dict(), "rng": rng_state(),
+            "batches": batches.state_dict(), "rng": rng[0],
+            **({"world_size": len(rng), "rng_per_rank": rng} if len(rng) > 1 else {}),
             "method": method_state.state_dict() if method_state is not None else None,
         }, run.checkpoint_path)
 
@@ -249,10 +280,13 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
         while step < total:
             for batch in batches:
                 t0 = time.perf_counter()
-                stats = step_fn(step, to_device(batch, device))
+                stats = step_fn(step, to_device(dist.local_rows(batch), device))
+                # each rank's losses are its rows' share of the global mean: their sum is the global loss
+                stats.update(dist.sum_floats({k: v for k, v in stats.items() if k.startswith("loss")}))
                 if not math.isfinite(stats["loss"]):
                     raise NonFiniteLoss(f"loss is {stats['loss']} at step {step}; stopping. The last good "
                                         f"checkpoint is kept at {run.checkpoint_path} (if one was written).")
+                dist.all_reduce_grads(params)  # before clipping: clip on the global batch's gradient norm
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
                                                            max_grad_norm)
                 current_lr = scheduler.get_last_lr()[0]
@@ -268,18 +302,23 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
                 bar.update(1)
                 bar.set_postfix({"loss": f"{stats['loss']:.4f}", "lr": f"{current_lr:.2e}",
                                  **({"layers": stats["layers"]} if "layers" in stats else {})}, refresh=False)
-                if (save_every and step % save_every == 0) or stop.requested:
+                stopping = dist.any_rank(stop.requested)  # every rank stops after the same step
+                if (save_every and step % save_every == 0) or stopping:
                     save(step)
-                if stop.requested:
+                if stopping:
                     bar.close()
-                    print(f"\n[{desc}] interrupted after step {step}: checkpoint saved to "
-                          f"{run.checkpoint_path}; rerun the same command with --resume to continue.")
+                    if dist.is_main():
+                        print(f"\n[{desc}] interrupted after step {step}: checkpoint saved to "
+                              f"{run.checkpoint_path}; rerun the same command with --resume to continue.")
                     raise SystemExit(130)
                 if step >= total:
                     break
     bar.close()
     save(step)
     peak, how = peak_memory_bytes(device)
+    peak = dist.max_over_ranks(peak)  # the largest rank's: what each GPU must hold
+    if dist.parallel():
+        how += f", max over {dist.world_size()} processes"
     return {"steps": total, "final_loss": last.get("loss"), "train_time_s": elapsed,
             "peak_memory_bytes": peak, "peak_memory_gib": peak / 2**30, "peak_memory_kind": how}
 
@@ -317,6 +356,8 @@ def add_common_args(p: argparse.ArgumentParser, lr: float):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen base weights over the "
+                   "processes with FSDP (models that do not fit one GPU); LoRA stays whole on every rank")
 
 
 def check_common_args(args):
@@ -330,6 +371,9 @@ def check_common_args(args):
         raise ValueError("need 0 <= --warmup-ratio < 1, 0 <= --lora-dropout < 1 and --weight-decay >= 0")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
+    if args.fsdp and not dist.initialized():
+        raise ValueError("--fsdp shards the weights over torchrun's processes: launch with "
+                         "torchrun --nproc_per_node N ...")
 
 
 def count_layers(model_name: str) -> int:
@@ -346,17 +390,25 @@ def count_layers(model_name: str) -> int:
 
 def prepare_model(args, adapter_to_merge: str | None = None):
     """Load the base model, optionally fold an adapter into it, and add a fresh trainable LoRA."""
-    from lora import apply_lora, load_adapter, merge_and_unload
-    from model import load_model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from lora import apply_lora, load_adapter, lora_parameters, merge_and_unload
+    from model import default_dtype, load_model
+    device = dist.device(args.device)
     checkpointing = args.checkpointing if args.checkpointing is not None else device.type == "cuda"
-    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=device,
-                                  checkpointing=checkpointing)
+    # FSDP: the whole model is built in host memory, then each rank moves only its shard to its GPU.
+    fsdp = getattr(args, "fsdp", False)  # flags this function reads are the ones it needs; --fsdp is optional
+    load_device = torch.device("cpu") if fsdp else device
+    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype) or default_dtype(device),
+                                  device=load_device, checkpointing=checkpointing)
     if adapter_to_merge:
         load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
         merge_and_unload(model)
     apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                lora_dtype=torch.float32)  # fp32 adapters over bf16 weights: AdamW updates do not round away
+    dist.broadcast_from_main(lora_parameters(model))  # every rank starts from rank 0's LoRA init
+    if fsdp:
+        dist.shard_model(model, lora_parameters(model), device)
+    if dist.parallel():
+        dist.seed_per_rank(args.seed)  # after the init: dropout masks differ across ranks
     model.train()
     return model, tokenizer
 
@@ -365,7 +417,11 @@ def cli(main_fn):
     """Clear one-line errors for bad input instead of tracebacks."""
     from weights import CheckpointError
     try:
+        dist.init()  # joins torchrun's process group; nothing without torchrun
         main_fn()
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f"[rank {dist.rank()}] " if dist.parallel() else ""
+        print(f"{where}error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        dist.finish()

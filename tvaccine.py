@@ -12,6 +12,9 @@ The algorithm (SPEC section 6) is the first section below, top to bottom:
   trains the chosen layers' LoRA with h_l + eps_l (eps constant). Vaccine = all layers; SFT = no perturbation.
 - Memory: layers below min(S) run without a graph, the rest are checkpointed (flag), neither backward goes
   below min(S), and pass 1 computes no weight gradients at all (autograd.grad on h only).
+- Under torchrun (dist.py) each rank holds the rows of its share of a batch; the losses are divided by the
+  global batch's target count, and the norms that make P and eps are summed (squared) over the ranks, so every
+  rank computes the single-process P, S and eps.
 """
 from __future__ import annotations
 
@@ -19,23 +22,38 @@ import argparse
 
 import torch
 
+import dist
 from trainer import add_common_args, check_common_args, cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm
 
 
+def batch_loss(model, x, labels) -> torch.Tensor:
+    """model.loss; under data parallelism this rank's share of the global batch's mean (see dist.py)."""
+    return model.loss(x, labels, dist.global_target_count(labels))
+
+
 def layer_importance(model, batch: dict) -> torch.Tensor:
-    """P over layers: normalised Frobenius norms of dL_h/dh_l on the clean (unperturbed) model."""
+    """P over layers: normalised Frobenius norms of dL_h/dh_l on the clean (unperturbed) model.
+
+    Data parallel: each rank's dL_h/dh_l are its rows of the global batch's, so the squared norms are summed
+    over the ranks before the square root; P is then broadcast from rank 0, so that the ranks, which sample S
+    from P with identically seeded generators, cannot draw different layers even if a reduction rounded
+    differently on one of them."""
     norms = {}
     # Each dL/dh_l is reduced to its norm as backward reaches it, and no h_l is kept alive (at 7B, B 10 x 200,
     # this pass then peaks at 14.31 GiB instead of 14.78). The backward runs down to h_0, no weight gradients.
     hooks = {l: (lambda g, l=l: norms.__setitem__(l, g.float().norm())) for l in range(1, model.args.n_layers)}
     x, h = model.forward_hidden(batch["input_ids"], batch["attention_mask"], expose=[0], on_grad=hooks)
-    (g0,) = torch.autograd.grad(model.loss(x, batch["labels"]), [h[0]])
+    (g0,) = torch.autograd.grad(batch_loss(model, x, batch["labels"]), [h[0]])
     norms[0] = g0.float().norm()
     s = torch.stack([norms[l] for l in range(model.args.n_layers)])
-    return (s / s.sum()).cpu()  # plain normalisation, no softmax (paper, eq. 4)
+    if dist.parallel():
+        s = dist.global_norm(s.pow(2))
+    P = (s / s.sum()).cpu()  # plain normalisation, no softmax (paper, eq. 4)
+    dist.broadcast_from_main([P])
+    return P
 
 
 def sample_layers(P: torch.Tensor, gamma: int, generator: torch.Generator) -> list[int]:
@@ -44,8 +62,9 @@ def sample_layers(P: torch.Tensor, gamma: int, generator: torch.Generator) -> li
 
 
 def perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """eps_l = rho * g_l / (||g|| + 1e-7), with one global norm over all perturbed layers and the whole batch."""
-    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    """eps_l = rho * g_l / (||g|| + 1e-7), with one global norm over all perturbed layers and the whole batch
+    (data parallel: the whole global batch, each rank's squared norm summed over the ranks)."""
+    norm = dist.global_norm(sum(g.float().pow(2).sum() for g in grads))
     return [(rho * g.float() / (norm + 1e-7)).to(g.dtype).detach() for g in grads]
 
 
@@ -55,20 +74,20 @@ def perturbed_step(model, batch: dict, layers: list[int], rho: float) -> tuple[f
     lowest = min(layers)  # nothing below it is trainable or needs a gradient
     # Pass 1: the gradient of the loss w.r.t. the attention outputs h_l only.
     x, h = model.forward_hidden(ids, mask, expose=layers, grad_from=lowest)
-    loss1 = model.loss(x, labels)
+    loss1 = batch_loss(model, x, labels)
     grads = torch.autograd.grad(loss1, [h[l] for l in layers])
     eps = dict(zip(layers, perturbation(list(grads), rho)))
     del x, h, grads
     # Pass 2: the same batch with h_l + eps_l; the usual backward for the trainable LoRA weights.
     x, _ = model.forward_hidden(ids, mask, perturb=eps, grad_from=lowest)
-    loss2 = model.loss(x, labels)
+    loss2 = batch_loss(model, x, labels)
     loss2.backward()
     return loss1.item(), loss2.item()
 
 
 def sft_step(model, batch: dict) -> float:
     x, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"])
-    loss = model.loss(x, batch["labels"])
+    loss = batch_loss(model, x, batch["labels"])
     loss.backward()
     return loss.item()
 
@@ -102,7 +121,7 @@ class AlignmentMethod:
 
     def _harmful_batch(self, device) -> dict:
         batch = next(iter(self.harmful_batches))  # Batches cycles through D_h epoch after epoch
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in dist.local_rows(batch).items()}
 
     def state_dict(self) -> dict:
         return {"P": self.P, "S": self.S, "generator": self.generator.get_state(),
@@ -150,6 +169,11 @@ def check_args(args):
     check_common_args(args)
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.method in ("repnoise", "tar") and dist.parallel():
+        # RepNoise's MMD compares every pair of harmful samples, across ranks too; TAR runs an inner attack with
+        # its own optimizer: neither is split over ranks here, and a per-rank version would be another method.
+        raise ValueError(f"--method {args.method} runs in one process only; data parallelism (torchrun) "
+                         "supports sft, vaccine and tvaccine")
     if args.rho < 0:
         raise ValueError(f"--rho must be >= 0 (got {args.rho})")
     for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful",
@@ -173,12 +197,14 @@ def load_alignment_data(args, tokenizer):
     if args.method in NEEDS_HARMFUL and len(d_h) < args.harmful_batch_size:
         raise ValueError(f"D_h has {len(d_h)} examples, fewer than --harmful-batch-size {args.harmful_batch_size}")
     pad = data.pad_id_of(tokenizer)
-    batches = data.Batches(data.tokenize_dataset(tokenizer, d_a, args.max_len, "D_a"), args.batch_size, pad,
-                           seed=args.seed)
+    examples = data.tokenize_dataset(tokenizer, d_a, args.max_len, "D_a")
+    dist.check_split(len(examples), args.batch_size, "--batch-size", "D_a")
+    batches = data.Batches(examples, args.batch_size, pad, seed=args.seed)
     harmful = None
     if d_h:
-        harmful = data.Batches(data.tokenize_dataset(tokenizer, d_h, args.max_len, "D_h"),
-                               args.harmful_batch_size, pad, seed=args.seed + 1)
+        examples = data.tokenize_dataset(tokenizer, d_h, args.max_len, "D_h")
+        dist.check_split(len(examples), args.harmful_batch_size, "--harmful-batch-size", "D_h")
+        harmful = data.Batches(examples, args.harmful_batch_size, pad, seed=args.seed + 1)
     return batches, harmful
 
 
@@ -212,13 +238,18 @@ def main(argv=None):
                     weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                     max_grad_norm=args.max_grad_norm, save_every=args.save_every, resume=args.resume,
                     method_state=method, progress=args.progress, desc=args.method)
-    save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
+    if dist.is_main():
+        save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
     summary.update(method=args.method, model=args.model, n_layers=n_layers,
                    lora_update_norm_per_layer=lora_update_norms(model))  # which layers training really moved
+    if dist.parallel():
+        summary.update(processes=dist.world_size(), fsdp=args.fsdp)
     run.write_summary(summary)
-    print(f"[{args.method}] done: {summary['steps']} steps in {summary['train_time_s']:.1f}s, final loss "
-          f"{summary['final_loss']:.4f}, peak memory {summary['peak_memory_gib']:.2f} GiB "
-          f"({summary['peak_memory_kind']}); adapter in {run.path / 'adapter'}")
+    dist.barrier()  # the adapter is on disk when any rank returns
+    if dist.is_main():
+        print(f"[{args.method}] done: {summary['steps']} steps in {summary['train_time_s']:.1f}s, final loss "
+              f"{summary['final_loss']:.4f}, peak memory {summary['peak_memory_gib']:.2f} GiB "
+              f"({summary['peak_memory_kind']}); adapter in {run.path / 'adapter'}")
     return summary
 
 
