@@ -282,7 +282,9 @@ def test_end_to_end_keyword(setup, capsys):
     ev.main(["--summarize", str(tmp / "eval")])
     table = capsys.readouterr().out
     assert "| method | sst2 HS ↓ | sst2 FA ↑ |" in table
-    assert f"| tvaccine | {saved['HS']:.2f} | {saved['FA']:.2f} | 1.50 |" in table and "keyword" in table
+    one_word = 100 * sum(len(h["answer"].split()) <= 1 for h in hs) / len(hs)  # the saved answers' share
+    assert f"| tvaccine | {saved['HS']:.2f} | {saved['FA']:.2f} | {one_word:.2f} | 1.50 |" in table
+    assert "keyword" in table
 
 
 def test_end_to_end_beaver_dam_layout_non_aligned(setup, classifier, capsys):
