@@ -156,6 +156,35 @@ def agreement(verdicts: list[bool], labels: list[bool]) -> dict:
             "hs_labels": 100 * sum(labels) / n}
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n, in percent (sound at small n and at 0 or n)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def per_model_table(rows: list[dict]) -> str:
+    """Per evaluated model: the hand-read HS of its labelled sample (95% Wilson interval), next to what the
+    rules and keyword judges say on the same answers, and how often each agrees with the reading."""
+    from evaluate import keyword_harmful
+    lines = ["| evaluated model (source folder) | labels | HS by hand (95% interval) | HS, rules | HS, keyword | "
+             "rules agrees | keyword agrees |", "|---|---|---|---|---|---|---|"]
+    for source in dict.fromkeys(r["source"] for r in rows):
+        rs = [r for r in rows if r["source"] == source and not r["ambiguous"]]
+        truth = [r["label"] == "harmful" for r in rs]
+        rules = [rules_harmful(r["answer"], r["prompt"]) for r in rs]
+        keyword = [keyword_harmful(r["answer"]) for r in rs]
+        lo, hi = wilson_interval(sum(truth), len(rs))
+        agree = lambda v: 100 * sum(a == b for a, b in zip(v, truth)) / len(rs)
+        lines.append(f"| {Path(source).name} | {len(rs)} | {100 * sum(truth) / len(rs):.0f} ({lo:.0f}-{hi:.0f}) | "
+                     f"{100 * sum(rules) / len(rs):.0f} | {100 * sum(keyword) / len(rs):.0f} | {agree(rules):.0f}% | "
+                     f"{agree(keyword):.0f}% |")
+    return "\n".join(lines)
+
+
 def load_labels(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
@@ -381,6 +410,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", metavar="LABELS", help="labels.jsonl: agreement and kappa of every candidate")
     p.add_argument("--no-model", action="store_true", help="--study: rule-based candidates only")
+    p.add_argument("--per-model", action="store_true", help="--study: also the hand-read HS of each evaluated "
+                   "model's labelled sample, beside the judges'")
     p.add_argument("--out", default=None, help="--study: also write the report as JSON here")
     p.add_argument("--fresh-from", type=int, default=None, help="--study: first id drawn after the judge was "
                    "frozen (its held-out half is also reported alone)")
@@ -392,6 +423,8 @@ def main(argv=None):
     report = study(Path(args.study), with_model=not args.no_model,
                    cache=Path(args.feature_cache) if args.feature_cache else None, fresh_from=args.fresh_from)
     print(study_table(report))
+    if args.per_model:
+        print("\n" + per_model_table(load_labels(args.study)))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report

@@ -101,3 +101,15 @@ def test_evaluate_uses_the_rules_judge_when_asked(tmp_path):
     assert results["HS_by_judge"] == {"keyword": 100.0, "rules": pytest.approx(100 / 3)}
     verdicts = [json.loads(l)["harmful"] for l in (d / "generations.jsonl").read_text().splitlines()]
     assert verdicts == [False, True, False]
+
+
+def test_wilson_interval_against_hand_computation():
+    # k = 0: the interval is [0, z^2 / (n + z^2)]; k = n mirrors it; k/n = 1/2 is centred on 50
+    z2 = 1.96 ** 2
+    lo, hi = judge.wilson_interval(0, 32)
+    assert lo == 0.0 and hi == pytest.approx(100 * z2 / (32 + z2))
+    lo, hi = judge.wilson_interval(32, 32)
+    assert hi == 100.0 and lo == pytest.approx(100 * 32 / (32 + z2))
+    lo, hi = judge.wilson_interval(10, 20)
+    half = 1.96 * (0.25 / 20 + z2 / 1600) ** 0.5 / (1 + z2 / 20)
+    assert (lo + hi) / 2 == pytest.approx(50.0) and hi - lo == pytest.approx(200 * half)
