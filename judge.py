@@ -362,10 +362,11 @@ def all_features(rows: list[dict], cache: Path | None) -> dict:
 def study(labels_path: Path, with_model: bool, cache: Path | None = None, fresh_from: int | None = None) -> dict:
     """fresh_from: the first id of answers drawn after the judge was frozen; their held-out half is also
     reported on its own (answers nobody had read while writing the rules)."""
-    rows = [r for r in load_labels(labels_path) if not r["ambiguous"]]
+    labels = load_labels(labels_path)
+    rows = [r for r in labels if not r["ambiguous"]]
     choose, held_out = split_halves(rows)
     features = all_features(rows, cache) if with_model else None
-    report = {"n_labels": len(load_labels(labels_path)), "n_unambiguous": len(rows),
+    report = {"n_labels": len(labels), "n_unambiguous": len(rows),
               "n_choose": len(choose), "n_held_out": len(held_out), "candidates": {}}
     on_choose = candidate_verdicts(choose, choose, features)  # learned ones: their fit on the training half
     on_held = candidate_verdicts(held_out, choose, features)

@@ -16,40 +16,20 @@ import torch.nn.functional as F
 import defences
 import tvaccine
 from defences import (answer_targets, mmd2, noise_mmd, repnoise_step, repnoise_terms, tamper_schedule, tar_step)
-from lora import apply_lora, lora_parameters, save_adapter
-from model import load_model
-from test_tvaccine import adapter_tensors, cli_args, write_safety
+from lora import lora_parameters
+from test_tvaccine import adapter_tensors, cli_args, make_pair, write_safety
+from test_tvaccine import make_batch as tvaccine_batch
 
 VOCAB, B, T = 600, 4, 14  # a vocabulary above 256: bf16 cannot hold most token ids exactly
 
 
-def make_batch(seed, vocab=VOCAB):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 10:] = 0
-    mask[3, 7:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :5] = -100  # the prompt
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def make_batch(seed):
+    return tvaccine_batch(VOCAB, seed)
 
 
 @pytest.fixture
 def pair(tiny_checkpoint, tmp_path):
-    """Our model with a random LoRA (dropout 0), and the same weights + adapter in HF transformers + peft."""
-    peft = pytest.importorskip("peft")
-    folder, hf = tiny_checkpoint("llama", layers=3, vocab_size=VOCAB)
-    ours, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
-    apply_lora(ours, rank=4, alpha=8, dropout=0.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    save_adapter(ours, tmp_path / "adapter")
-    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
-    ours.train(), ref.train()
-    return ours, ref
+    return make_pair(tiny_checkpoint, tmp_path, layers=3, vocab_size=VOCAB)
 
 
 def ref_states(ref, batch):

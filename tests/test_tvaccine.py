@@ -27,11 +27,10 @@ def make_batch(vocab, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.fixture
-def pair(tiny_checkpoint, tmp_path):
+def make_pair(tiny_checkpoint, tmp_path, **config):
     """Our model with a random LoRA (dropout 0), and the same weights + adapter in HF transformers + peft."""
     peft = pytest.importorskip("peft")
-    folder, hf = tiny_checkpoint("llama", layers=4)
+    folder, hf = tiny_checkpoint("llama", **config)
     ours, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
     apply_lora(ours, rank=4, alpha=8, dropout=0.0)
     torch.manual_seed(1)
@@ -43,6 +42,11 @@ def pair(tiny_checkpoint, tmp_path):
     ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
     ours.train(), ref.train()
     return ours, ref
+
+
+@pytest.fixture
+def pair(tiny_checkpoint, tmp_path):
+    return make_pair(tiny_checkpoint, tmp_path, layers=4)
 
 
 def hf_layers(ref):
