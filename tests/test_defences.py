@@ -17,10 +17,10 @@ import defences
 import tvaccine
 from defences import (answer_targets, mmd2, noise_mmd, repnoise_step, repnoise_terms, tamper_schedule, tar_step)
 from lora import lora_parameters
-from test_tvaccine import adapter_tensors, cli_args, make_pair, write_safety
+from test_tvaccine import B, T, adapter_tensors, cli_args, make_pair, write_safety
 from test_tvaccine import make_batch as tvaccine_batch
 
-VOCAB, B, T = 600, 4, 14  # a vocabulary above 256: bf16 cannot hold most token ids exactly
+VOCAB = 600  # a vocabulary above 256: bf16 cannot hold most token ids exactly
 
 
 def make_batch(seed):
