@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/calib}
 SEED=${SEED:-1}
+LABEL_BY=${LABEL_BY:-run}  # row names: the run key (vaccine-r3), or "method" (vaccine) for the main table
+N_FA=${N_FA:-100}        # SST-2 validation rows for FA; the main table (recipes/cpu_smollm2.sh) uses 200
 
 COMMON_ALIGN="--data-dir $DATA --max-len 128 --batch-size 10 --n-align 200 --n-harmful 100
               --refresh-every 10 --resample-every 2 --save-every 20 --no-progress --seed $SEED"
@@ -31,7 +33,7 @@ declare -A ATTACK=(
   [a2e-4]="--samples 400 --epochs 4 --lr 2e-4"           # gentler, longer: 160 steps
   [a5e-4]="--samples 400 --epochs 4 --lr 5e-4"           # between the two, 160 steps
 )
-EVAL="--data-dir $DATA --judge rules --n-hs 200 --max-new-tokens-hs 64 --n-fa 100 --max-new-tokens-fa 16
+EVAL="--data-dir $DATA --judge rules --n-hs 200 --max-new-tokens-hs 64 --n-fa $N_FA --max-new-tokens-fa 16
       --batch-size 16 --no-progress --seed $SEED"
 
 stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
@@ -46,7 +48,8 @@ for run in $RUNS; do
   else
     stage $OUT/align-$run/summary.json python tvaccine.py $COMMON_ALIGN ${ALIGN[$run]} --out $OUT/align-$run \
       $(fresh_or_resume $OUT/align-$run)
-    aligned=(--aligned $OUT/align-$run/adapter); label=(--label $run)
+    aligned=(--aligned $OUT/align-$run/adapter)
+    if [ "$LABEL_BY" = method ]; then label=(--label ${run%%-*}); else label=(--label $run); fi
   fi
   stage $OUT/eval-$run-aligned/results.json \
     python evaluate.py $EVAL --task none "${aligned[@]}" "${label[@]}" --out $OUT/eval-$run-aligned
