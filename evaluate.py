@@ -382,29 +382,55 @@ def in_split(index: int, split: str) -> bool:
     return split == "all" or (index % 4 == 0) == (split == "calib")
 
 
-def hs_verdicts(d: Path, split: str = "all") -> list[dict]:
+def hs_verdicts(d: Path, split: str = "all", hand: dict | None = None) -> list[dict]:
+    """The saved HS answers and verdicts of an evaluation folder on a split of the prompts. hand (from
+    read_hand_verdicts): the verdicts are the hand labels instead; every answer of the split must have one."""
     lines = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines() if l.strip()]
-    return [l for i, l in enumerate(l for l in lines if l["kind"] == "hs") if in_split(i, split)]
+    hs = [(i, l) for i, l in enumerate(l for l in lines if l["kind"] == "hs") if in_split(i, split)]
+    if hand is None:
+        return [l for _, l in hs]
+    from judge import eval_key
+    key = eval_key(d)
+    missing = [i for i, _ in hs if (key, i) not in hand]
+    if missing:
+        raise ValueError(f"{d}: {len(missing)} of the {len(hs)} HS answers on the '{split}' split have no hand label "
+                         f"(first: prompt {missing[0]}): label them (judge.py) or leave out --hand-labels")
+    verdicts = []
+    for i, l in hs:
+        row = hand[(key, i)]
+        if row["answer"] != l["answer"]:
+            raise ValueError(f"{d}: the answer to prompt {i} is not the one that was labelled (re-evaluated?)")
+        verdicts.append({**l, "harmful": row["label"] == "harmful", "ambiguous": row["ambiguous"]})
+    return verdicts
+
+
+def read_hand_verdicts(labels: Path) -> dict[tuple[str, int], dict]:
+    """labels.jsonl (judge.py) as {(evaluation folder key, prompt index): labelled row}."""
+    from judge import eval_key, load_labels
+    return {(eval_key(r["source"]), r["prompt_index"]): r for r in load_labels(labels)}
 
 
 def one_word(answer: str) -> bool:
     return len(re.findall(r"[A-Za-z0-9']+", answer)) <= 1
 
 
-def load_results(dirs, split: str = "all") -> list[dict]:
-    """results.json of each folder; with a split, HS is recomputed on that split of the saved verdicts."""
+def load_results(dirs, split: str = "all", hand: dict | None = None) -> list[dict]:
+    """results.json of each folder; with a split, HS is recomputed on that split of the saved verdicts; with
+    hand (read_hand_verdicts), from the hand labels of the saved answers (judge "hand")."""
     found = []
     for d in map(Path, dirs):
         if not (d / "results.json").is_file():
             raise FileNotFoundError(f"{d / 'results.json'} not found (is {d} an evaluate.py output folder?)")
         r = {**json.loads((d / "results.json").read_text()), "dir": str(d)}
         if (d / "generations.jsonl").is_file():
-            hs = hs_verdicts(d, split)
+            hs = hs_verdicts(d, split, hand)
             r["HS"] = 100.0 * sum(l["harmful"] for l in hs) / len(hs)
+            if hand is not None:
+                r["judge"], r["HS_ambiguous"] = "hand", 100.0 * sum(l["ambiguous"] for l in hs) / len(hs)
             r["N_hs"] = len(hs)
             r["one_word"] = 100.0 * sum(one_word(l["answer"]) for l in hs) / len(hs)
-        elif split != "all":
-            raise FileNotFoundError(f"--hs-split {split} needs {d / 'generations.jsonl'}")
+        elif split != "all" or hand is not None:
+            raise FileNotFoundError(f"--hs-split {split} / --hand-labels need {d / 'generations.jsonl'}")
         found.append(r)
     return found
 
@@ -428,13 +454,15 @@ def summary_table(results: list[dict]) -> str:
                if _row_name(r) == m and "alignment" in r.get("peak_memory_gib", {}) and r["task"] != "none"]
         cells = [_cell(_values(results, m, t, k)) for t, k in columns] + [_cell(mem)]
         lines.append("| " + " | ".join([m] + cells) + " |")
-    notes = {"keyword": "keyword = refusal-phrase proxy", "rules": "rules = the offline rule judge of judge.py"}
+    notes = {"keyword": "keyword = refusal-phrase proxy", "rules": "rules = the offline rule judge of judge.py",
+             "hand": "hand = hand labels of the saved answers"}
     said = [notes[j] for j in judges if j in notes]
     lines.append(f"\nHS judge: {', '.join(judges)}" + (f" ({'; '.join(said)}; not the paper's judge)" if said else ""))
     return "\n".join(lines)
 
 
-def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: int = 10000, seed: int = 0):
+def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: int = 10000, seed: int = 0,
+                     hand: dict | None = None):
     """HS(a) - HS(b) with a 95% interval, resampling seeds and prompts together.
 
     a and b are evaluation folders of two methods, paired by seed (same seed = same data order and attack) and
@@ -446,8 +474,8 @@ def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: i
     seeds = sorted(set(sa) & set(sb))
     if not seeds:
         raise ValueError("no seed evaluated for both methods: nothing to pair")
-    va = np.array([[l["harmful"] for l in hs_verdicts(sa[s], split)] for s in seeds], dtype=float)
-    vb = np.array([[l["harmful"] for l in hs_verdicts(sb[s], split)] for s in seeds], dtype=float)
+    va = np.array([[l["harmful"] for l in hs_verdicts(sa[s], split, hand)] for s in seeds], dtype=float)
+    vb = np.array([[l["harmful"] for l in hs_verdicts(sb[s], split, hand)] for s in seeds], dtype=float)
     if va.shape != vb.shape:
         raise ValueError(f"the two methods were judged on different prompt sets: {va.shape} vs {vb.shape}")
     diff = va - vb  # (seeds, prompts)
@@ -459,7 +487,7 @@ def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: i
     return 100 * diff.mean(), lo, hi, len(seeds), diff.shape[1]
 
 
-def bootstrap_lines(results: list[dict], split: str) -> list[str]:
+def bootstrap_lines(results: list[dict], split: str, hand: dict | None = None) -> list[str]:
     """T-Vaccine against SFT and against Vaccine, per attacked task, when both were evaluated."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
@@ -469,7 +497,7 @@ def bootstrap_lines(results: list[dict], split: str) -> list[str]:
                 dirs.setdefault(_row_name(r), []).append(Path(r["dir"]))
         for other in ("sft", "vaccine"):
             if "tvaccine" in dirs and other in dirs:
-                d, lo, hi, n_seeds, n_prompts = paired_bootstrap(dirs["tvaccine"], dirs[other], split)
+                d, lo, hi, n_seeds, n_prompts = paired_bootstrap(dirs["tvaccine"], dirs[other], split, hand=hand)
                 where = "before the attack" if task == "none" else f"after the {task} attack"
                 lines.append(f"HS tvaccine - {other}, {where}: {d:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] "
                              f"(paired bootstrap over {n_seeds} seeds x {n_prompts} prompts)")
@@ -570,14 +598,19 @@ def per_run_table(results: list[dict], split: str = "all") -> str:
 
 
 def summarize(args) -> str:
-    results = load_results(args.summarize, args.hs_split)
+    hand = read_hand_verdicts(Path(args.hand_labels)) if args.hand_labels else None
+    results = load_results(args.summarize, args.hs_split, hand)
     if args.per_run:
         print(table := per_run_table(results, args.hs_split))
         return table
     table = summary_table(results)
     if args.hs_split != "all":
         table += f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
-    table = "\n".join([table, *bootstrap_lines(results, args.hs_split)])
+    if hand is not None:
+        amb = [r["HS_ambiguous"] for r in results]
+        table += (f"\nHS by hand: each saved answer's label in {args.hand_labels} (ambiguous answers count by their "
+                  f"best-guess label: {min(amb):.0f}-{max(amb):.0f}% of a run's answers)")
+    table = "\n".join([table, *bootstrap_lines(results, args.hs_split, hand)])
     print(table)
     if args.plot:
         plt = _pyplot()
@@ -665,6 +698,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-run", action="store_true", help="with --summarize: one row per folder (a sweep)")
     p.add_argument("--hs-split", choices=HS_SPLITS, default="all", help="with --summarize: HS on all prompts, on "
                    "the calibration split (every 4th) or on the final split (the rest), from saved verdicts")
+    p.add_argument("--hand-labels", metavar="LABELS", default=None, help="with --summarize: HS (and the bootstrap) "
+                   "from these hand labels of the saved answers (judge.py's labels.jsonl); every answer of the "
+                   "split must be labelled")
     p.add_argument("--merge-and-export", metavar="DIR", help="write base + adapters as a plain HF checkpoint")
     p.add_argument("--rejudge", nargs="+", metavar="DIR", help="judge these evaluation folders' saved answers "
                    "again with --judge (rewrites their results.json and generations.jsonl)")

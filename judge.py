@@ -199,20 +199,31 @@ def split_halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 # Drawing answers to label
 
 
-def draw_answers(eval_dirs: list[str], per_run: int, out: Path, seed: int = 0) -> int:
-    """Append `per_run` HS answers of each evaluation folder (a seeded random draw of its prompts) to `out`,
-    with consecutive ids continuing the file's, so each folder is split evenly between the two halves."""
+def eval_key(source) -> str:
+    """An evaluation folder as `parent/name` (e.g. `seed2/eval-sft-a5e-4`): the same key for the run folder
+    the answers were drawn from (runs/main/seed2/...) and its copy in results/cpu_smollm2/main/seed2/..."""
+    source = Path(source)
+    return f"{source.parent.name}/{source.name}"
+
+
+def draw_answers(eval_dirs: list[str], per_run: int | None, out: Path, seed: int = 0, split: str = "all") -> int:
+    """Append HS answers of each evaluation folder to `out`, ids continuing the file's: `per_run` of them (a
+    seeded random draw) or, with per_run None, every one, among the prompts of `split` (evaluate.in_split)
+    that were not drawn from that folder before."""
     import random
+    from evaluate import in_split
     rows = load_labels(out) if out.exists() else []
-    next_id, seen = len(rows), {r["source"] for r in rows}
+    next_id = len(rows)
+    seen = {(eval_key(r["source"]), r["prompt_index"]) for r in rows}
     added = []
     for d in map(Path, eval_dirs):
-        if str(d) in seen:
-            continue
         results = json.loads((d / "results.json").read_text())
         hs = [json.loads(l) for l in (d / "generations.jsonl").read_text().splitlines() if l.strip()]
         hs = [l for l in hs if l["kind"] == "hs"]
-        for i in sorted(random.Random(f"{seed}-{d.name}").sample(range(len(hs)), per_run)):
+        todo = [i for i in range(len(hs)) if in_split(i, split) and (eval_key(d), i) not in seen]
+        if per_run is not None:
+            todo = sorted(random.Random(f"{seed}-{d.name}").sample(todo, min(per_run, len(todo))))
+        for i in todo:
             added.append({"id": next_id, "source": str(d), "method": results.get("label") or results.get("method"),
                           "attacked": bool(results.get("adapters", {}).get("attacked")), "prompt_index": i,
                           "prompt": hs[i]["prompt"], "answer": hs[i]["answer"]})
@@ -220,6 +231,43 @@ def draw_answers(eval_dirs: list[str], per_run: int, out: Path, seed: int = 0) -
     with open(out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in added)
     return len(added)
+
+
+def write_blind_batches(rows: list[dict], gold: list[dict], folder: Path, size: int = 150, n_gold: int = 15,
+                        seed: int = 0) -> list[Path]:
+    """Answers to label blind: shuffled across evaluated models, shown as numbered items (prompt, answer)
+    with nothing that tells the method, the seed or whether the model was attacked. Each batch also holds
+    `n_gold` answers the first rater labelled (not told apart), which measure each batch's rater against
+    the first. batch-NN.jsonl is what the rater reads; key-NN.json maps its items to answer ids."""
+    import random
+    rng = random.Random(seed)
+    rows, gold = rows[:], gold[:]
+    rng.shuffle(rows)
+    rng.shuffle(gold)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = len(list(folder.glob("batch-*.jsonl")))
+    paths = []
+    for b, start in enumerate(range(0, len(rows), size), start=first):
+        items = rows[start:start + size] + gold[:n_gold]
+        gold = gold[n_gold:] + gold[:n_gold]  # the next batch gets other gold answers
+        rng.shuffle(items)
+        path = folder / f"batch-{b:02d}.jsonl"
+        path.write_text("".join(json.dumps({"item": k, "prompt": r["prompt"], "answer": r["answer"]}) + "\n"
+                                for k, r in enumerate(items)))
+        (folder / f"key-{b:02d}.json").write_text(json.dumps({k: r["id"] for k, r in enumerate(items)}))
+        paths.append(path)
+    return paths
+
+
+def read_blind_labels(folder: Path) -> dict[int, tuple[str, bool, str]]:
+    """{answer id: (label, ambiguous, rater)} from every batch-NN.labels.txt (`item label [amb]` lines)."""
+    labels = {}
+    for path in sorted(folder.glob("batch-*.labels.txt")):
+        b = path.name.split(".")[0].removeprefix("batch-")
+        key = {int(k): v for k, v in json.loads((folder / f"key-{b}.json").read_text()).items()}
+        for item, (label, ambiguous) in read_hand_labels(path).items():
+            labels[key[item]] = (label, ambiguous, f"blind-{b}")
+    return labels
 
 
 def read_hand_labels(path: Path) -> dict[int, tuple[str, bool]]:
@@ -236,16 +284,36 @@ def read_hand_labels(path: Path) -> dict[int, tuple[str, bool]]:
     return labels
 
 
-def merge_labels(answers: Path, hand: Path, out: Path) -> list[dict]:
-    """answers.jsonl + hand_labels.txt -> labels.jsonl (each answer with its label), only labelled rows."""
-    labels = read_hand_labels(hand)
+def merge_labels(answers: Path, hand: Path, out: Path, blind: Path | None = None) -> list[dict]:
+    """answers.jsonl + hand_labels.txt (the first rater) [+ the blind batches' labels of answers the first
+    rater did not label] -> labels.jsonl (each labelled answer with its label and rater)."""
+    labels = {i: (label, amb, "first") for i, (label, amb) in read_hand_labels(hand).items()}
+    if blind is not None:
+        labels.update({i: v for i, v in read_blind_labels(blind).items() if i not in labels})
     rows = []
     for r in load_labels(answers):
         if r["id"] in labels:
-            label, ambiguous = labels[r["id"]]
-            rows.append({**r, "label": label, "ambiguous": ambiguous})
+            label, ambiguous, rater = labels[r["id"]]
+            rows.append({**r, "label": label, "ambiguous": ambiguous, "rater": rater})
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def gold_agreement(labels: list[dict], blind: Path) -> dict[str, dict]:
+    """Per blind batch: its rater's verdicts (harmful or not) on the first rater's answers hidden in it,
+    against the first rater, on the answers neither marked ambiguous."""
+    first = {r["id"]: r for r in labels if r.get("rater", "first") == "first"}
+    report = {}
+    for path in sorted(blind.glob("batch-*.labels.txt")):
+        b = path.name.split(".")[0].removeprefix("batch-")
+        key = {int(k): v for k, v in json.loads((blind / f"key-{b}.json").read_text()).items()}
+        pairs = [(first[key[item]], label, amb) for item, (label, amb) in read_hand_labels(path).items()
+                 if key[item] in first]
+        pairs = [(f["label"] == "harmful", label == "harmful") for f, label, amb in pairs
+                 if not amb and not f["ambiguous"]]
+        if pairs:
+            report[f"blind-{b}"] = agreement([b_ for _, b_ in pairs], [a for a, _ in pairs])
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,15 +412,15 @@ def candidate_verdicts(rows: list[dict], train: list[dict], features=None) -> di
 def all_features(rows: list[dict], cache: Path | None) -> dict:
     """Probe features of every labelled row from SmolLM2-135M-Instruct, cached by id (they do not change)."""
     import torch
-    if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=True)
-        if all(r["id"] in saved for r in rows):
-            return saved
+    features = torch.load(cache, weights_only=True) if cache is not None and cache.exists() else {}
+    missing = [r for r in rows if r["id"] not in features]  # only new labels are read by the model
+    if not missing:
+        return features
     from model import load_model
     model, tokenizer = load_model("smollm2-135m")
     model.eval()
-    X, m = probe_features(model, tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows])
-    features = {r["id"]: (X[i], m[i]) for i, r in enumerate(rows)}
+    X, m = probe_features(model, tokenizer, [r["prompt"] for r in missing], [r["answer"] for r in missing])
+    features.update({r["id"]: (X[i], m[i]) for i, r in enumerate(missing)})
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, cache)

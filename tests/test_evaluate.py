@@ -438,3 +438,24 @@ def test_per_run_table_lists_each_folder_with_every_judges_hs(tmp_path):
     assert "| eval-sft-a1 | sst2 | 75.00 | 25.00 | 80.00 | 75.00 |" in table
     calib = ev.main(["--summarize", str(d), "--per-run", "--hs-split", "calib"])  # prompt 0 only: harmful
     assert "HS (keyword)" not in calib and "| eval-sft-a1 | sst2 | 100.00 |" in calib
+
+
+def test_summary_takes_hs_from_hand_labels_and_refuses_unlabelled_or_changed_answers(tmp_path):
+    answers = [f"answer {i}" for i in range(8)]
+    d = fake_eval(tmp_path / "seed1" / "eval-sft", "sft", 1, [True] * 8, answers)  # the judge says all harmful
+    labels = tmp_path / "labels.jsonl"
+    rows = [{"id": i, "source": "runs/main/seed1/eval-sft", "prompt_index": i, "prompt": f"p{i}", "answer": a,
+             "label": "harmful" if i in (1, 2) else "refusal", "ambiguous": i == 2} for i, a in enumerate(answers)]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))  # prompt 0 (calibration split) unlabelled
+    hand = ev.read_hand_verdicts(labels)
+    (final,) = ev.load_results([d], "final", hand)
+    assert final["judge"] == "hand" and final["HS"] == pytest.approx(200 / 6)  # prompts 1-3, 5-7: 1 and 2 harmful
+    assert final["HS_ambiguous"] == pytest.approx(100 / 6)
+    with pytest.raises(ValueError, match="1 of the 2 HS answers on the 'calib' split have no hand label"):
+        ev.load_results([d], "calib", hand)
+    table = ev.main(["--summarize", str(d), "--hs-split", "final", "--hand-labels", str(labels)])
+    assert "HS by hand" in table and "hand = hand labels" in table
+    rows[3]["answer"] = "another answer"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="not the one that was labelled"):
+        ev.load_results([d], "final", ev.read_hand_verdicts(labels))

@@ -113,3 +113,46 @@ def test_wilson_interval_against_hand_computation():
     lo, hi = judge.wilson_interval(10, 20)
     half = 1.96 * (0.25 / 20 + z2 / 1600) ** 0.5 / (1 + z2 / 20)
     assert (lo + hi) / 2 == pytest.approx(50.0) and hi - lo == pytest.approx(200 * half)
+
+
+def _fake_hs_eval(folder, answers, label="sft", attacked=False):
+    folder.mkdir(parents=True)
+    lines = [{"kind": "hs", "prompt": f"p{i}", "answer": a, "harmful": True} for i, a in enumerate(answers)]
+    (folder / "generations.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    adapters = {"attacked": "x"} if attacked else {}
+    (folder / "results.json").write_text(json.dumps({"label": label, "task": "none", "adapters": adapters}))
+    return folder
+
+
+def test_draw_answers_takes_a_split_once_and_blind_batches_hide_the_source(tmp_path):
+    d = _fake_hs_eval(tmp_path / "seed1" / "eval-sft-aligned", [f"answer {i}" for i in range(10)])
+    answers = tmp_path / "answers.jsonl"
+    assert judge.draw_answers([str(d)], None, answers, split="calib") == 3  # prompts 0, 4, 8
+    assert judge.draw_answers([str(d)], None, answers, split="calib") == 0  # nothing drawn twice
+    assert judge.draw_answers([str(d)], 2, answers, split="final") == 2
+    rows = judge.load_labels(answers)
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4] and [r["prompt_index"] for r in rows[:3]] == [0, 4, 8]
+    assert judge.eval_key(rows[0]["source"]) == "seed1/eval-sft-aligned"
+    gold = [{"id": 100 + i, "prompt": "g", "answer": f"gold {i}", "label": "refusal", "ambiguous": False}
+            for i in range(4)]
+    blind = tmp_path / "blind"
+    (b0, b1) = judge.write_blind_batches(rows, gold, blind, size=3, n_gold=2)
+    items = [json.loads(l) for l in b0.read_text().splitlines()]
+    assert len(items) == 5 and all(set(i) == {"item", "prompt", "answer"} for i in items)  # nothing but the text
+    key = json.loads((blind / "key-00.json").read_text())
+    assert sorted(key.values()) == sorted([r["id"] for r in rows if r["answer"] in {i["answer"] for i in items}]
+                                          + [g["id"] for g in gold if g["answer"] in {i["answer"] for i in items}])
+    # the rater labels every item of batch 0 harmful; batch 1 is not labelled yet
+    (blind / "batch-00.labels.txt").write_text("# item label\n" + "".join(f"{i['item']} h\n" for i in items))
+    hand = tmp_path / "hand_labels.txt"
+    hand.write_text("100-103 r\n")
+    answers.write_text(answers.read_text() + "".join(json.dumps({**g, "source": "x", "prompt_index": 0}) + "\n"
+                                                      for g in gold))
+    merged = judge.merge_labels(answers, hand, tmp_path / "labels.jsonl", blind)
+    by_id = {r["id"]: r for r in merged}
+    blind_ids = [key[str(i["item"])] for i in items if key[str(i["item"])] < 100]
+    assert len(blind_ids) == 3 and all(by_id[i]["label"] == "harmful" and by_id[i]["rater"] == "blind-00"
+                                       for i in blind_ids)
+    assert all(by_id[g["id"]]["label"] == "refusal" and by_id[g["id"]]["rater"] == "first" for g in gold)
+    # the two gold answers in batch 0: the blind rater said harmful, the first rater refusal -> 0% agreement
+    assert judge.gold_agreement(merged, blind) == {"blind-00": judge.agreement([True, True], [False, False])}
