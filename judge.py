@@ -324,10 +324,18 @@ PROBE_TEMPLATE = ("<|im_start|>user\nHere is a request and a response.\nRequest:
                   "<|im_start|>assistant\n")
 
 
+# The residual stream x_l at the last token (x_0 the embeddings, x_l the output of layer l-1; SmolLM2 has 30
+# layers) is the probe's input, at these l: chosen by 5-fold cross-validation on the choose half of the first
+# 544 labels, never on the held-out half (every second x_l alone: 71% at x_0, 82-85% from x_4 up; x_24, x_26
+# and x_28 together did best).
+PROBE_RESIDUALS = (24, 26, 28)
 
-def probe_features(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8):
-    """Per (request, answer): the final-normed hidden state of the last prompt token of PROBE_TEMPLATE (what
-    the model 'thinks' before answering Yes/No), and the zero-shot logit margin log p(Yes) - log p(No)."""
+
+def probe_features(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8,
+                   residuals: tuple[int, ...] = PROBE_RESIDUALS):
+    """Per (request, answer): the residual streams x_l, l in `residuals`, at the last prompt token of PROBE_TEMPLATE
+    (what the model 'thinks' before answering Yes/No), concatenated, and the zero-shot logit margin
+    log p(Yes) - log p(No)."""
     import torch
     from data import collate_prompts
     yes, no = tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
@@ -337,10 +345,11 @@ def probe_features(model, tokenizer, prompts: list[str], answers: list[str], bat
             texts = [PROBE_TEMPLATE.format(prompt=p, answer=a.strip()[:1500])
                      for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
             batch = collate_prompts(tokenizer, texts)  # left-padded: the last position is the last token
-            x, _ = model.forward_hidden(batch["input_ids"], batch["attention_mask"])
-            last = model.norm(x[:, -1])
-            logp = torch.log_softmax(model.lm_head(last).float(), -1)
-            feats.append(last.float())
+            last_only = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+            last_only[:, -1] = True
+            x, seen = model.forward_hidden(batch["input_ids"], batch["attention_mask"], record_at=last_only)
+            feats.append(torch.cat([seen["residual"][l] for l in residuals], -1).float())  # one row per answer
+            logp = torch.log_softmax(model.lm_head(model.norm(x[:, -1])).float(), -1)
             margins.append(logp[:, yes] - logp[:, no])
     return torch.cat(feats), torch.cat(margins)
 
@@ -484,7 +493,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="--study: also write the report as JSON here")
     p.add_argument("--fresh-from", type=int, default=None, help="--study: first id drawn after the judge was "
                    "frozen (its held-out half is also reported alone)")
-    p.add_argument("--feature-cache", default="runs/judge-features.pt", help="--study: cache of the probe "
+    p.add_argument("--feature-cache", default="runs/judge-features-l24-26-28.pt", help="--study: cache of the probe "
                    "features by label id ('' = none)")
     args = p.parse_args(argv)
     if not args.study:
