@@ -156,3 +156,26 @@ def test_draw_answers_takes_a_split_once_and_blind_batches_hide_the_source(tmp_p
     assert all(by_id[g["id"]]["label"] == "refusal" and by_id[g["id"]]["rater"] == "first" for g in gold)
     # the two gold answers in batch 0: the blind rater said harmful, the first rater refusal -> 0% agreement
     assert judge.gold_agreement(merged, blind) == {"blind-00": judge.agreement([True, True], [False, False])}
+
+
+def test_probe_features_are_the_residual_stream_and_yes_no_margin_of_hf(tiny_checkpoint):
+    """Against HF transformers run on each (request, answer) alone: hidden_states[l] is x_l (before the final
+    norm for l < L), and the margin is log p(Yes) - log p(No) at the last position. Our batch of two is
+    left-padded, so this also checks that padding does not leak into the features. fp32 on both sides: the
+    gap is rounding (~1e-6 on values of size ~1), 1e-4 leaves a wide margin."""
+    import torch
+    from model import load_model
+    folder, hf = tiny_checkpoint("llama", layers=3)
+    ours, tokenizer = load_model(str(folder), dtype=torch.float32, device="cpu")
+    ours.eval()
+    prompts, answers = ["w5 w6 w7", "w8"], ["w9 w10 w11 w12", "w13"]
+    X, margin = judge.probe_features(ours, tokenizer, prompts, answers, batch_size=2, residuals=(0, 2))
+    yes, no = tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids = torch.tensor([tokenizer.encode(judge.PROBE_TEMPLATE.format(prompt=p, answer=a))])
+        with torch.no_grad():
+            out = hf(ids, output_hidden_states=True)
+        expected = torch.cat([out.hidden_states[0][0, -1], out.hidden_states[2][0, -1]])
+        torch.testing.assert_close(X[i], expected, atol=1e-4, rtol=0)
+        logp = torch.log_softmax(out.logits[0, -1], -1)
+        assert float(margin[i]) == pytest.approx(float(logp[yes] - logp[no]), abs=1e-4)
