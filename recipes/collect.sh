@@ -8,8 +8,9 @@ mkdir -p "$DST"
 for run in "$SRC"/*/; do
   run=${run%/}; name=$(basename "$run")
   [ -e "$run/summary.json" ] || [ -e "$run/results.json" ] || continue   # still running: not yet
+  [ -e "$DST/$name" ] && continue   # collected before (and maybe re-judged there since): keep that copy
   mkdir -p "$DST/$name"
-  find "$run" -maxdepth 1 -type f \( -name '*.json' -o -name '*.jsonl' \) -exec cp {} "$DST/$name/" \;
+  find "$run/" -maxdepth 1 -type f \( -name '*.json' -o -name '*.jsonl' \) -exec cp {} "$DST/$name/" \;
 done
 # evaluate.py records where the aligned run was (for --summarize --plot): the copy's own folder from now on
 find "$DST" -name results.json -exec sed -i -E "s#\"[^\"]*$SRC/(align-[^\"/]*)\"#\"$DST/\\1\"#g" {} +
