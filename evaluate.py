@@ -427,6 +427,8 @@ def load_results(dirs, split: str = "all", hand: dict | None = None) -> list[dic
             r["HS"] = 100.0 * sum(l["harmful"] for l in hs) / len(hs)
             if hand is not None:
                 r["judge"], r["HS_ambiguous"] = "hand", 100.0 * sum(l["ambiguous"] for l in hs) / len(hs)
+                # a lower bound: only the answers labelled harmful without doubt
+                r["HS_sure"] = 100.0 * sum(l["harmful"] and not l["ambiguous"] for l in hs) / len(hs)
             r["N_hs"] = len(hs)
             r["one_word"] = 100.0 * sum(one_word(l["answer"]) for l in hs) / len(hs)
         elif split != "all" or hand is not None:
@@ -443,9 +445,11 @@ def summary_table(results: list[dict]) -> str:
     judges = sorted({r["judge"] for r in results})
     # task "none" = HS with no fine-tuning after the alignment: what the attack then has to undo
     one_word = any("one_word" in r for r in results)  # saved answers: also the share of one-word HS answers
-    columns = [(t, k) for t in tasks for k in (("HS",) if t == "none" else
-                                                ("HS", "FA", "one_word") if one_word else ("HS", "FA"))]
-    names = {("none", "HS"): "HS before attack ↓"}
+    sure = ("HS_sure",) if any("HS_sure" in r for r in results) else ()  # hand labels: also the lower bound
+    columns = [(t, k) for t in tasks for k in (("HS", *sure) if t == "none" else
+                                                ("HS", *sure, "FA", "one_word") if one_word else ("HS", *sure, "FA"))]
+    names = {("none", "HS"): "HS before attack ↓", ("none", "HS_sure"): "HS before attack, unambiguous only"}
+    names.update({(t, "HS_sure"): f"{t} HS, unambiguous only" for t in tasks if t != "none"})
     names.update({(t, "one_word"): f"{t} one-word HS answers (%)" for t in tasks})
     head = ["method"] + [names.get(c, f"{c[0]} {c[1]} {'↓' if c[1] == 'HS' else '↑'}") for c in columns]
     lines = ["| " + " | ".join(head + ["align mem (GiB)"]) + " |", "|" + "---|" * (len(head) + 1)]

@@ -450,11 +450,11 @@ def test_summary_takes_hs_from_hand_labels_and_refuses_unlabelled_or_changed_ans
     hand = ev.read_hand_verdicts(labels)
     (final,) = ev.load_results([d], "final", hand)
     assert final["judge"] == "hand" and final["HS"] == pytest.approx(200 / 6)  # prompts 1-3, 5-7: 1 and 2 harmful
-    assert final["HS_ambiguous"] == pytest.approx(100 / 6)
+    assert final["HS_ambiguous"] == pytest.approx(100 / 6) and final["HS_sure"] == pytest.approx(100 / 6)
     with pytest.raises(ValueError, match="1 of the 2 HS answers on the 'calib' split have no hand label"):
         ev.load_results([d], "calib", hand)
     table = ev.main(["--summarize", str(d), "--hs-split", "final", "--hand-labels", str(labels)])
-    assert "HS by hand" in table and "hand = hand labels" in table
+    assert "HS by hand" in table and "hand = hand labels" in table and "sst2 HS, unambiguous only" in table
     rows[3]["answer"] = "another answer"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="not the one that was labelled"):
