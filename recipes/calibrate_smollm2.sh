@@ -22,6 +22,7 @@ declare -A ALIGN=(
   [vaccine-r1]="--method vaccine --rho 1 --epochs 2"
   [tvaccine-r1-g16]="--method tvaccine --rho 1 --gamma 16 --epochs 2"      # more layers trained per step
   [tvaccine-r1-e4]="--method tvaccine --rho 1 --gamma 8 --epochs 4"        # twice the alignment length
+  [tvaccine-r1-g16-e4]="--method tvaccine --rho 1 --gamma 16 --epochs 4"    # the chosen setting, twice as long
   [sft-e4]="--method sft --epochs 4"
   [repnoise]="--method repnoise --epochs 2"
   [tar]="--method tar --epochs 2"
