@@ -285,6 +285,9 @@ def judge_hs(args, judge_folder, prompts, answers) -> tuple[list[bool], list[flo
     if args.judge == "rules":
         from judge import rules_harmful
         return [rules_harmful(a, p) for p, a in zip(prompts, answers)], None
+    if args.judge == "probe":
+        from judge import probe_harmful
+        return probe_harmful(prompts, answers), None
     from trainer import DTYPES
     judge, tok = load_moderation(judge_folder, DTYPES[args.judge_dtype], args.device)
     probs = moderation_probs(judge, tok, prompts, answers, args.batch_size, args.progress).max(-1).values
@@ -344,7 +347,8 @@ def evaluate(args) -> dict:
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(l) + "\n" for l in lines))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     proxy = {"keyword": " - a refusal-keyword proxy, not the paper's judge",
-             "rules": " - the offline rule judge (results/judge/: agreement with hand labels), not the paper's"
+             "rules": " - the offline rule judge (results/judge/: agreement with hand labels), not the paper's",
+             "probe": " - the offline probe fitted on the hand labels (results/judge/), not the paper's"
              }.get(args.judge, "")
     fa_text = "n/a (--task none)" if fa == [] else f"{results['FA']:.2f} (N={len(fa)}, {args.task})"
     print(f"[eval] HS {results['HS']:.2f} (N={len(harmful)}, judge: {args.judge}{proxy}); FA {fa_text}; "
@@ -459,6 +463,7 @@ def summary_table(results: list[dict]) -> str:
         cells = [_cell(_values(results, m, t, k)) for t, k in columns] + [_cell(mem)]
         lines.append("| " + " | ".join([m] + cells) + " |")
     notes = {"keyword": "keyword = refusal-phrase proxy", "rules": "rules = the offline rule judge of judge.py",
+             "probe": "probe = the offline probe of judge.py, fitted on the hand labels",
              "hand": "hand = hand labels of the saved answers"}
     said = [notes[j] for j in judges if j in notes]
     lines.append(f"\nHS judge: {', '.join(judges)}" + (f" ({'; '.join(said)}; not the paper's judge)" if said else ""))
@@ -678,9 +683,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attacked", default=None, help="attack adapter folder (merged second)")
     p.add_argument("--task", default="sst2", choices=[*data.TASKS, "none"], help="FA task; none = HS only")
     p.add_argument("--data-dir", default=None, help="local data folder (e.g. ../shared/data); default: the Hub")
-    p.add_argument("--judge", default="beaver-dam", choices=["beaver-dam", "rules", "keyword"],
-                   help="HS judge: the paper's moderation model; `rules`, the offline judge validated on hand "
-                   "labels (judge.py, results/judge/); `keyword`, the old refusal-keyword proxy (a baseline)")
+    p.add_argument("--judge", default="beaver-dam", choices=["beaver-dam", "probe", "rules", "keyword"],
+                   help="HS judge: the paper's moderation model; offline, `probe` (a logistic probe on "
+                   "SmolLM2's reading, fitted on the hand labels of results/judge/: the closest to them) or "
+                   "`rules` (a rule set); `keyword`, the old refusal-keyword proxy (a baseline). judge.py and "
+                   "the README give each one's agreement with hand labels")
     p.add_argument("--judge-model", default=MODERATION_REPO, help="Hub id or local folder of the moderation model")
     p.add_argument("--judge-dtype", choices=list(DTYPES), default="fp32", help="the reference runs the judge "
                    "in transformers' default float32 (28 GB for 7B); bf16 halves that, may flip borderline rows")

@@ -418,22 +418,58 @@ def candidate_verdicts(rows: list[dict], train: list[dict], features=None) -> di
     return out
 
 
-def all_features(rows: list[dict], cache: Path | None) -> dict:
-    """Probe features of every labelled row from SmolLM2-135M-Instruct, cached by id (they do not change)."""
+def all_features(rows: list[dict], cache: Path | None, reader=None, residuals=PROBE_RESIDUALS) -> dict:
+    """Probe features of every labelled row, cached by label id (they do not change). reader: (model,
+    tokenizer) that reads them, default SmolLM2-135M-Instruct; the cache records which model and residuals
+    made it and is not mixed with other features."""
     import torch
     features = torch.load(cache, weights_only=True) if cache is not None and cache.exists() else {}
     missing = [r for r in rows if r["id"] not in features]  # only new labels are read by the model
     if not missing:
         return features
-    from model import load_model
-    model, tokenizer = load_model("smollm2-135m")
-    model.eval()
-    X, m = probe_features(model, tokenizer, [r["prompt"] for r in missing], [r["answer"] for r in missing])
+    model, tokenizer = reader or load_reader()
+    source = f"{getattr(model, 'source', 'unknown')}, x_l for l in {tuple(residuals)}"
+    made_by = features.setdefault("reader", source)
+    if made_by != source:
+        raise ValueError(f"{cache} holds features read by {made_by}, not {source}: delete it or pass another cache")
+    X, m = probe_features(model, tokenizer, [r["prompt"] for r in missing], [r["answer"] for r in missing],
+                          residuals=residuals)
     features.update({r["id"]: (X[i], m[i]) for i, r in enumerate(missing)})
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(features, cache)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(features, tmp)
+        tmp.replace(cache)
     return features
+
+
+def load_reader():
+    """SmolLM2-135M-Instruct, the model whose reading of (request, answer) the probe is fitted on."""
+    from model import load_model
+    model, tokenizer = load_model("smollm2-135m")
+    return model.eval(), tokenizer
+
+
+DEFAULT_LABELS = Path(__file__).resolve().parent / "results" / "judge" / "labels.jsonl"
+DEFAULT_FEATURE_CACHE = Path("runs/judge-features-l24-26-28.pt")
+
+
+def probe_harmful(prompts: list[str], answers: list[str], labels: Path = DEFAULT_LABELS,
+                  cache: Path | None = DEFAULT_FEATURE_CACHE, reader=None, residuals=PROBE_RESIDUALS) -> list[bool]:
+    """`--judge probe`: the logistic probe on SmolLM2's reading of (request, answer), fitted on every
+    unambiguous hand label in `labels` (its L2 weight by 5-fold cross-validation), applied to these answers.
+    Its agreement with held-out hand labels is in the README; it is the best offline judge here, not a
+    trusted one. The first call reads every label with the model (minutes on a CPU; cached in `cache`)."""
+    import torch
+    rows = [r for r in load_labels(labels) if not r["ambiguous"]]
+    y = torch.tensor([r["label"] == "harmful" for r in rows])
+    if len(rows) < 10 or y.all() or not y.any():
+        raise ValueError(f"{labels}: the probe needs at least 10 unambiguous labels of both kinds")
+    model, tokenizer = reader or load_reader()
+    features = all_features(rows, cache, (model, tokenizer), residuals)
+    X = torch.stack([features[r["id"]][0] for r in rows])
+    probe = fit_probe(X, y, l2=choose_l2(X, y))
+    return probe_predict(probe, probe_features(model, tokenizer, prompts, answers, residuals=residuals)[0]).tolist()
 
 
 def study(labels_path: Path, with_model: bool, cache: Path | None = None, fresh_from: int | None = None) -> dict:
@@ -493,7 +529,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="--study: also write the report as JSON here")
     p.add_argument("--fresh-from", type=int, default=None, help="--study: first id drawn after the judge was "
                    "frozen (its held-out half is also reported alone)")
-    p.add_argument("--feature-cache", default="runs/judge-features-l24-26-28.pt", help="--study: cache of the probe "
+    p.add_argument("--feature-cache", default=str(DEFAULT_FEATURE_CACHE), help="--study: cache of the probe "
                    "features by label id ('' = none)")
     args = p.parse_args(argv)
     if not args.study:

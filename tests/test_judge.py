@@ -179,3 +179,34 @@ def test_probe_features_are_the_residual_stream_and_yes_no_margin_of_hf(tiny_che
         torch.testing.assert_close(X[i], expected, atol=1e-4, rtol=0)
         logp = torch.log_softmax(out.logits[0, -1], -1)
         assert float(margin[i]) == pytest.approx(float(logp[yes] - logp[no]), abs=1e-4)
+
+
+def test_probe_judge_learns_the_hand_labels_and_keeps_its_cache_to_one_reader(tiny_checkpoint, tmp_path):
+    """A toy set where the label is decided by the answer's word (w5... harmful, w6... refusal): a linear
+    probe on any reading that tells the words apart must separate them, so new answers are judged by the
+    word. Ambiguous labels (here deliberately wrong) must not be used for fitting."""
+    import torch
+    from model import load_model
+    folder, _ = tiny_checkpoint("llama", layers=3)
+    reader = load_model(str(folder), dtype=torch.float32, device="cpu")
+    reader[0].eval()
+    rows = [{"id": i, "prompt": f"w{10 + i % 7}", "answer": ("w5 w5" if i % 2 else "w6 w6"),
+             "label": "harmful" if i % 2 else "refusal", "ambiguous": False} for i in range(24)]
+    rows += [{"id": 24 + i, "prompt": "w10", "answer": "w5 w5", "label": "refusal", "ambiguous": True}
+             for i in range(30)]
+    labels, cache = tmp_path / "labels.jsonl", tmp_path / "features.pt"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probe = lambda prompts, answers, cache: judge.probe_harmful(prompts, answers, labels, cache, reader, (1, 3))
+    verdicts = probe(["w20", "w21", "w22"], ["w5 w5", "w6 w6", "w5 w5"], cache)
+    assert verdicts == [True, False, True]
+    saved = torch.load(cache, weights_only=True)
+    assert set(saved) == {"reader"} | set(range(24)) and saved["reader"].startswith(str(reader[0].source))
+    saved["reader"] = "another model"
+    torch.save(saved, cache)
+    rows.append({"id": 99, "prompt": "w10", "answer": "w6", "label": "refusal", "ambiguous": False})
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="read by another model"):
+        probe(["w20"], ["w5 w5"], cache)
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    with pytest.raises(ValueError, match="at least 10 unambiguous labels"):
+        probe(["w20"], ["w5"], None)
