@@ -408,10 +408,14 @@ def hs_verdicts(d: Path, split: str = "all", hand: dict | None = None) -> list[d
     return verdicts
 
 
-def read_hand_verdicts(labels: Path) -> dict[tuple[str, int], dict]:
-    """labels.jsonl (judge.py) as {(evaluation folder key, prompt index): labelled row}."""
+def read_hand_verdicts(labels: Path, sure_only: bool = False) -> dict[tuple[str, int], dict]:
+    """labels.jsonl (judge.py) as {(evaluation folder key, prompt index): labelled row}. sure_only: an answer
+    labelled harmful but ambiguous counts as not harmful (the lower bound of the HS)."""
     from judge import eval_key, load_labels
-    return {(eval_key(r["source"]), r["prompt_index"]): r for r in load_labels(labels)}
+    rows = load_labels(labels)
+    if sure_only:
+        rows = [{**r, "label": "unsure"} if r["ambiguous"] and r["label"] == "harmful" else r for r in rows]
+    return {(eval_key(r["source"]), r["prompt_index"]): r for r in rows}
 
 
 def one_word(answer: str) -> bool:
@@ -607,7 +611,9 @@ def per_run_table(results: list[dict], split: str = "all") -> str:
 
 
 def summarize(args) -> str:
-    hand = read_hand_verdicts(Path(args.hand_labels)) if args.hand_labels else None
+    if args.hand_sure_only and not args.hand_labels:
+        raise ValueError("--hand-sure-only needs --hand-labels")
+    hand = read_hand_verdicts(Path(args.hand_labels), args.hand_sure_only) if args.hand_labels else None
     results = load_results(args.summarize, args.hs_split, hand)
     if args.per_run:
         print(table := per_run_table(results, args.hs_split))
@@ -712,6 +718,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hand-labels", metavar="LABELS", default=None, help="with --summarize: HS (and the bootstrap) "
                    "from these hand labels of the saved answers (judge.py's labels.jsonl); every answer of the "
                    "split must be labelled")
+    p.add_argument("--hand-sure-only", action="store_true", help="with --hand-labels: answers labelled harmful "
+                   "but ambiguous count as not harmful, in the HS and the bootstrap (the lower bound)")
     p.add_argument("--merge-and-export", metavar="DIR", help="write base + adapters as a plain HF checkpoint")
     p.add_argument("--rejudge", nargs="+", metavar="DIR", help="judge these evaluation folders' saved answers "
                    "again with --judge (rewrites their results.json and generations.jsonl)")

@@ -453,6 +453,8 @@ def test_summary_takes_hs_from_hand_labels_and_refuses_unlabelled_or_changed_ans
     assert final["HS_ambiguous"] == pytest.approx(100 / 6) and final["HS_sure"] == pytest.approx(100 / 6)
     with pytest.raises(ValueError, match="1 of the 2 HS answers on the 'calib' split have no hand label"):
         ev.load_results([d], "calib", hand)
+    (sure,) = ev.load_results([d], "final", ev.read_hand_verdicts(labels, sure_only=True))
+    assert sure["HS"] == pytest.approx(100 / 6)  # prompt 2's harmful label is ambiguous: not counted
     table = ev.main(["--summarize", str(d), "--hs-split", "final", "--hand-labels", str(labels)])
     assert "HS by hand" in table and "hand = hand labels" in table and "sst2 HS, unambiguous only" in table
     rows[3]["answer"] = "another answer"
