@@ -517,7 +517,7 @@ def bootstrap_lines(results: list[dict], split: str, hand: dict | None = None) -
     return lines
 
 
-def plot_curves(plt, runs: list[Path], out: Path) -> Path | None:
+def plot_curves(plt, runs: list[Path], out: Path, names: dict[Path, str] | None = None) -> Path | None:
     """Per alignment run: the clean loss (pass 1) and the loss that trains (pass 2, perturbed for Vaccine and
     T-Vaccine) against the step; and the LoRA update norm of each layer at the end (which layers trained)."""
     runs = [r for r in runs if (r / "metrics.jsonl").is_file()]
@@ -525,15 +525,16 @@ def plot_curves(plt, runs: list[Path], out: Path) -> Path | None:
         return None
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4))
     for run in runs:
+        name = (names or {}).get(run, run.name)
         m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        line, = ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=f"{run.name}: training loss")
+        line, = ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=f"{name}: training loss")
         if any("loss_pass1" in r for r in m):
             ax.plot([r["step"] for r in m], [r.get("loss_pass1") for r in m], "--", color=line.get_color(),
-                    label=f"{run.name}: clean loss (pass 1)")
+                    label=f"{name}: clean loss (pass 1)")
         summary = run / "summary.json"
         norms = json.loads(summary.read_text()).get("lora_update_norm_per_layer") if summary.is_file() else None
         if norms:
-            bx.plot(range(len(norms)), norms, "o-", color=line.get_color(), label=run.name)
+            bx.plot(range(len(norms)), norms, "o-", color=line.get_color(), label=name)
     ax.set(xlabel="step", ylabel="loss", title="alignment losses")
     ax.legend(fontsize=6)
     bx.set(xlabel="layer", ylabel="||(alpha/r) B A||_F over the layer's targets", title="LoRA update per layer")
@@ -555,7 +556,14 @@ def _pyplot():
     return plt
 
 
-def plot_importance(plt, run: Path, out: Path) -> Path | None:
+def run_names(runs: list[Path]) -> dict[Path, str]:
+    """Each alignment run's name in plots: its folder name, with its parent's when another run shares it
+    (seed1/align-sft, seed2/align-sft)."""
+    clash = {n for n in (r.name for r in runs) if sum(r.name == n for r in runs) > 1}
+    return {r: f"{r.parent.name}-{r.name}" if r.name in clash else r.name for r in runs}
+
+
+def plot_importance(plt, run: Path, out: Path, name: str | None = None) -> Path | None:
     """Heatmap of T-Vaccine's P (layer x refresh) from the alignment run's importance.jsonl."""
     path = run / "importance.jsonl"
     if not path.is_file():
@@ -566,9 +574,10 @@ def plot_importance(plt, run: Path, out: Path) -> Path | None:
     im = ax.imshow(P.numpy(), aspect="auto", origin="lower", cmap="viridis")
     ax.set_xticks(range(len(records)), [str(r["step"]) for r in records], rotation=90, fontsize=7)
     ax.set_yticks(range(0, P.shape[0], max(1, P.shape[0] // 16)))  # whole layer numbers
-    ax.set(xlabel="training step (importance refresh)", ylabel="layer", title=f"layer importance P: {run.name}")
+    name = name or run.name
+    ax.set(xlabel="training step (importance refresh)", ylabel="layer", title=f"layer importance P: {name}")
     fig.colorbar(im, ax=ax)
-    png = out / f"importance-{run.name}.png"
+    png = out / f"importance-{name}.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return png
@@ -632,8 +641,10 @@ def summarize(args) -> str:
         out = Path(args.out) if args.out else Path(args.summarize[0]).resolve().parent
         out.mkdir(parents=True, exist_ok=True)
         runs = dict.fromkeys(Path(r["aligned_run"]) for r in results if r.get("aligned_run"))
-        pngs = [plot_scores(plt, results, out)] + [p for run in runs if (p := plot_importance(plt, run, out))]
-        pngs += [p] if (p := plot_curves(plt, list(runs), out)) else []
+        names = run_names(list(runs))
+        pngs = [plot_scores(plt, results, out)]
+        pngs += [p for run in runs if (p := plot_importance(plt, run, out, names[run]))]
+        pngs += [p] if (p := plot_curves(plt, list(runs), out, names)) else []
         print("plots: " + ", ".join(map(str, pngs)))
     return table
 

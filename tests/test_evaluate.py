@@ -2,6 +2,7 @@
 runs (evaluation with merged adapters, the summary table, plots, the HF export)."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -461,3 +462,9 @@ def test_summary_takes_hs_from_hand_labels_and_refuses_unlabelled_or_changed_ans
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="not the one that was labelled"):
         ev.load_results([d], "final", ev.read_hand_verdicts(labels))
+
+
+def test_plot_names_tell_seeds_apart_only_when_folder_names_clash():
+    runs = [Path("main/seed1/align-sft"), Path("main/seed2/align-sft"), Path("calib/align-vaccine-r3")]
+    assert ev.run_names(runs) == {runs[0]: "seed1-align-sft", runs[1]: "seed2-align-sft",
+                                  runs[2]: "align-vaccine-r3"}
