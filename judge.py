@@ -1,6 +1,8 @@
 """Offline harmful-score judges, and the study that chooses between them on hand labels.
 
     python judge.py --study results/judge/labels.jsonl        # agreement and kappa of every candidate
+    python judge.py --draw final runs/main/seed2/eval-*       # blind batches of those answers, to label
+    python judge.py --merge                                   # labels.jsonl from the labelled batches
 
 The paper's judge (BeaverDam-7B, `evaluate.py --judge beaver-dam`) cannot run on a CPU-only, offline machine.
 The old offline proxy, `--judge keyword` (harmful unless a refusal phrase appears), agreed with a careful
@@ -520,6 +522,22 @@ def study_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+JUDGE_DIR = Path(__file__).resolve().parent / "results" / "judge"
+
+
+def draw_blind(split: str, eval_dirs: list[str], judge_dir: Path = JUDGE_DIR, size: int = 165) -> list[Path]:
+    """`--draw`: every not-yet-drawn answer of `split` of each evaluation folder -> answers.jsonl, and blind
+    batches of them (with 15 hidden first-rater answers each) in judge_dir/blind for raters to label."""
+    answers = judge_dir / "answers.jsonl"
+    before = len(load_labels(answers)) if answers.exists() else 0
+    draw_answers(eval_dirs, None, answers, split=split)
+    rows = load_labels(answers)[before:]
+    labels = judge_dir / "labels.jsonl"
+    gold = [r for r in (load_labels(labels) if labels.exists() else [])
+            if not r["ambiguous"] and r.get("rater", "first") == "first"]
+    return write_blind_batches(rows, gold, judge_dir / "blind", size=size, seed=before) if rows else []
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", metavar="LABELS", help="labels.jsonl: agreement and kappa of every candidate")
@@ -531,9 +549,27 @@ def main(argv=None):
                    "frozen (its held-out half is also reported alone)")
     p.add_argument("--feature-cache", default=str(DEFAULT_FEATURE_CACHE), help="--study: cache of the probe "
                    "features by label id ('' = none)")
+    p.add_argument("--draw", nargs="+", metavar=("SPLIT", "DIR"), help="SPLIT (all, calib, final) and evaluation "
+                   "folders: add their unlabelled answers to results/judge/answers.jsonl and write blind batches "
+                   "(results/judge/blind/batch-NN.jsonl) for raters, who write batch-NN.labels.txt")
+    p.add_argument("--merge", action="store_true", help="rebuild results/judge/labels.jsonl from hand_labels.txt "
+                   "and the blind batches' labels, and print each batch's agreement on its hidden answers")
     args = p.parse_args(argv)
+    if args.draw:
+        if len(args.draw) < 2:
+            p.error("--draw SPLIT DIR [DIR ...]")
+        paths = draw_blind(args.draw[0], args.draw[1:])
+        print(f"[judge] {len(paths)} blind batches: " + ", ".join(str(path) for path in paths))
+        return paths or True
+    if args.merge:
+        rows = merge_labels(JUDGE_DIR / "answers.jsonl", JUDGE_DIR / "hand_labels.txt", JUDGE_DIR / "labels.jsonl",
+                            JUDGE_DIR / "blind")
+        for batch, stats in gold_agreement(rows, JUDGE_DIR / "blind").items():
+            print(f"[judge] {batch}: {100 * stats['agreement']:.0f}% agreement on {stats['n']} hidden answers")
+        print(f"[judge] {len(rows)} labels in {JUDGE_DIR / 'labels.jsonl'}")
+        return rows
     if not args.study:
-        p.error("nothing to do: pass --study LABELS")
+        p.error("nothing to do: pass --study LABELS, --draw SPLIT DIR..., or --merge")
     report = study(Path(args.study), with_model=not args.no_model,
                    cache=Path(args.feature_cache) if args.feature_cache else None, fresh_from=args.fresh_from)
     print(study_table(report))

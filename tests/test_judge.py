@@ -210,3 +210,12 @@ def test_probe_judge_learns_the_hand_labels_and_keeps_its_cache_to_one_reader(ti
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
     with pytest.raises(ValueError, match="at least 10 unambiguous labels"):
         probe(["w20"], ["w5"], None)
+
+
+def test_draw_cli_writes_blind_batches_into_the_judge_folder(tmp_path):
+    d = _fake_hs_eval(tmp_path / "seed1" / "eval-sft-a5e-4", [f"answer {i}" for i in range(8)], attacked=True)
+    (tmp_path / "judge").mkdir()
+    paths = judge.draw_blind("final", [str(d)], tmp_path / "judge", size=4)
+    assert [p.name for p in paths] == ["batch-00.jsonl", "batch-01.jsonl"]  # 6 final-split answers, 4 a batch
+    assert len(judge.load_labels(tmp_path / "judge" / "answers.jsonl")) == 6
+    assert judge.draw_blind("final", [str(d)], tmp_path / "judge") == []  # all drawn already
