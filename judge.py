@@ -23,6 +23,8 @@ import re
 import sys
 from pathlib import Path
 
+JUDGE_DIR = Path(__file__).resolve().parent / "results" / "judge"  # labels, answers, blind batches, study
+
 # ----------------------------------------------------------------------------------------------------------------
 # The rule-based judge
 
@@ -261,15 +263,19 @@ def write_blind_batches(rows: list[dict], gold: list[dict], folder: Path, size: 
     return paths
 
 
-def read_blind_labels(folder: Path) -> dict[int, tuple[str, bool, str]]:
-    """{answer id: (label, ambiguous, rater)} from every batch-NN.labels.txt (`item label [amb]` lines)."""
-    labels = {}
+def blind_batches(folder: Path):
+    """Per labelled blind batch: (its rater's name `blind-NN`, {item: answer id}, {item: (label, ambiguous)})
+    from batch-NN.labels.txt (`item label [amb]` lines) and key-NN.json."""
     for path in sorted(folder.glob("batch-*.labels.txt")):
         b = path.name.split(".")[0].removeprefix("batch-")
         key = {int(k): v for k, v in json.loads((folder / f"key-{b}.json").read_text()).items()}
-        for item, (label, ambiguous) in read_hand_labels(path).items():
-            labels[key[item]] = (label, ambiguous, f"blind-{b}")
-    return labels
+        yield f"blind-{b}", key, read_hand_labels(path)
+
+
+def read_blind_labels(folder: Path) -> dict[int, tuple[str, bool, str]]:
+    """{answer id: (label, ambiguous, rater)} from every labelled blind batch."""
+    return {key[item]: (label, ambiguous, rater)
+            for rater, key, labels in blind_batches(folder) for item, (label, ambiguous) in labels.items()}
 
 
 def read_hand_labels(path: Path) -> dict[int, tuple[str, bool]]:
@@ -306,15 +312,12 @@ def gold_agreement(labels: list[dict], blind: Path) -> dict[str, dict]:
     against the first rater, on the answers neither marked ambiguous."""
     first = {r["id"]: r for r in labels if r.get("rater", "first") == "first"}
     report = {}
-    for path in sorted(blind.glob("batch-*.labels.txt")):
-        b = path.name.split(".")[0].removeprefix("batch-")
-        key = {int(k): v for k, v in json.loads((blind / f"key-{b}.json").read_text()).items()}
-        pairs = [(first[key[item]], label, amb) for item, (label, amb) in read_hand_labels(path).items()
-                 if key[item] in first]
-        pairs = [(f["label"] == "harmful", label == "harmful") for f, label, amb in pairs
-                 if not amb and not f["ambiguous"]]
+    for rater, key, theirs in blind_batches(blind):
+        pairs = [(first[key[item]], label == "harmful") for item, (label, amb) in theirs.items()
+                 if key[item] in first and not amb and not first[key[item]]["ambiguous"]]
         if pairs:
-            report[f"blind-{b}"] = agreement([b_ for _, b_ in pairs], [a for a, _ in pairs])
+            report[rater] = agreement([theirs_harmful for _, theirs_harmful in pairs],
+                                      [f["label"] == "harmful" for f, _ in pairs])
     return report
 
 
@@ -452,7 +455,7 @@ def load_reader():
     return model.eval(), tokenizer
 
 
-DEFAULT_LABELS = Path(__file__).resolve().parent / "results" / "judge" / "labels.jsonl"
+DEFAULT_LABELS = JUDGE_DIR / "labels.jsonl"
 DEFAULT_FEATURE_CACHE = Path("runs/judge-features-l24-26-28.pt")
 
 
@@ -520,9 +523,6 @@ def study_table(report: dict) -> str:
             line += f" {100 * f['agreement']:.1f}% (n={f['n']}) |"
         lines.append(line)
     return "\n".join(lines)
-
-
-JUDGE_DIR = Path(__file__).resolve().parent / "results" / "judge"
 
 
 def draw_blind(split: str, eval_dirs: list[str], judge_dir: Path = JUDGE_DIR, size: int = 165) -> list[Path]:
