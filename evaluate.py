@@ -500,15 +500,19 @@ def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: i
     return 100 * diff.mean(), lo, hi, len(seeds), diff.shape[1]
 
 
+BOOTSTRAP_BASELINES = ("sft", "vaccine", "repnoise", "tar")  # the paper's aligned baselines, in its order
+
+
 def bootstrap_lines(results: list[dict], split: str, hand: dict | None = None) -> list[str]:
-    """T-Vaccine against SFT and against Vaccine, per attacked task, when both were evaluated."""
+    """T-Vaccine against each aligned baseline (SFT, Vaccine, RepNoise, TAR), per attacked task, when both were
+    evaluated on at least one common seed."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
         dirs = {}
         for r in results:
             if r["task"] == task:
                 dirs.setdefault(_row_name(r), []).append(Path(r["dir"]))
-        for other in ("sft", "vaccine"):
+        for other in BOOTSTRAP_BASELINES:
             if "tvaccine" in dirs and other in dirs:
                 d, lo, hi, n_seeds, n_prompts = paired_bootstrap(dirs["tvaccine"], dirs[other], split, hand=hand)
                 where = "before the attack" if task == "none" else f"after the {task} attack"

@@ -426,8 +426,10 @@ def test_paired_bootstrap_against_hand_computed_cases(tmp_path):
     short = fake_eval(tmp_path / "s", "sft", 1, [False] * 5)
     with pytest.raises(ValueError, match="different prompt sets"):
         ev.paired_bootstrap(a[:1], [short])
-    table = ev.main(["--summarize", *map(str, a + b)])
+    tar = [fake_eval(tmp_path / "t2", "tar", 2, [True] * 4 + [False] * 4)]  # a baseline with one common seed
+    table = ev.main(["--summarize", *map(str, a + b + tar)])
     assert "HS tvaccine - sft, after the sst2 attack: +100.00 points, 95% interval [+100.00, +100.00]" in table
+    assert "HS tvaccine - tar, after the sst2 attack: +50.00 points" in table and "over 1 seeds x 8 prompts" in table
 
 
 def test_per_run_table_lists_each_folder_with_every_judges_hs(tmp_path):
