@@ -521,9 +521,16 @@ def bootstrap_lines(results: list[dict], split: str, hand: dict | None = None) -
     return lines
 
 
+# The cross-entropy on the safe alignment batch, as each method's metrics.jsonl names it: Vaccine and T-Vaccine's
+# clean pass 1, RepNoise's CE(x_s), TAR's retain CE; SFT's training loss is that CE itself.
+CLEAN_LOSS_KEYS = ("loss_pass1", "safe_ce", "retain_ce")
+
+
 def plot_curves(plt, runs: list[Path], out: Path, names: dict[Path, str] | None = None) -> Path | None:
-    """Per alignment run: the clean loss (pass 1) and the loss that trains (pass 2, perturbed for Vaccine and
-    T-Vaccine) against the step; and the LoRA update norm of each layer at the end (which layers trained)."""
+    """Per alignment run: the clean CE on the alignment batch against the step (solid), and for Vaccine and
+    T-Vaccine the perturbed loss that trains (pass 2, dashed); RepNoise's and TAR's totals add terms of other
+    scales (minus log H, minus the tamper entropy), so only their CE is drawn. Beside it, the LoRA update norm of
+    each layer at the end (which layers trained)."""
     runs = [r for r in runs if (r / "metrics.jsonl").is_file()]
     if not runs:
         return None
@@ -531,10 +538,11 @@ def plot_curves(plt, runs: list[Path], out: Path, names: dict[Path, str] | None 
     for run in runs:
         name = (names or {}).get(run, run.name)
         m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        line, = ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=f"{name}: training loss")
-        if any("loss_pass1" in r for r in m):
-            ax.plot([r["step"] for r in m], [r.get("loss_pass1") for r in m], "--", color=line.get_color(),
-                    label=f"{name}: clean loss (pass 1)")
+        steps = [r["step"] for r in m]
+        clean = next((k for k in CLEAN_LOSS_KEYS if k in m[0]), "loss")
+        line, = ax.plot(steps, [r[clean] for r in m], label=f"{name}: clean CE")
+        if clean == "loss_pass1":
+            ax.plot(steps, [r["loss"] for r in m], "--", color=line.get_color(), label=f"{name}: perturbed loss (pass 2)")
         summary = run / "summary.json"
         norms = json.loads(summary.read_text()).get("lora_update_norm_per_layer") if summary.is_file() else None
         if norms:

@@ -3,6 +3,7 @@ runs (evaluation with merged adapters, the summary table, plots, the HF export).
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -470,3 +471,38 @@ def test_plot_names_tell_seeds_apart_only_when_folder_names_clash():
     runs = [Path("main/seed1/align-sft"), Path("main/seed2/align-sft"), Path("calib/align-vaccine-r3")]
     assert ev.run_names(runs) == {runs[0]: "seed1-align-sft", runs[1]: "seed2-align-sft",
                                   runs[2]: "align-vaccine-r3"}
+
+
+class RecordingAxis:
+    """Stands in for a matplotlib axis: records each plotted line's label and values."""
+    def __init__(self):
+        self.lines = []
+
+    def plot(self, x, y, *style, **kw):
+        self.lines.append((kw["label"], list(y)))
+        return (SimpleNamespace(get_color=lambda: "k"),)
+
+    def set(self, **kw):
+        pass
+
+    def legend(self, **kw):
+        pass
+
+
+def test_curves_draw_each_methods_clean_ce(tmp_path):
+    """The solid line is the CE on the safe alignment batch, whatever the method calls it; only Vaccine-style
+    runs add the perturbed pass-2 loss."""
+    ax, bx = RecordingAxis(), RecordingAxis()
+    figure = SimpleNamespace(savefig=lambda *a, **k: None)
+    plt = SimpleNamespace(subplots=lambda *a, **k: (figure, (ax, bx)), close=lambda fig: None)
+    metrics = {"sft": {"step": 0, "loss": 2.0},
+               "vaccine": {"step": 0, "loss": 2.5, "loss_pass1": 2.2},
+               "repnoise": {"step": 0, "loss": -0.3, "safe_ce": 3.1, "H": 21.0},
+               "tar": {"step": 0, "loss": -7.5, "retain_ce": 3.5, "tamper_loss": -2.7}}
+    for name, line in metrics.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    ev.plot_curves(plt, [tmp_path / name for name in metrics], tmp_path)
+    assert ax.lines == [("sft: clean CE", [2.0]), ("vaccine: clean CE", [2.2]),
+                        ("vaccine: perturbed loss (pass 2)", [2.5]), ("repnoise: clean CE", [3.1]),
+                        ("tar: clean CE", [3.5])]
