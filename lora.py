@@ -242,19 +242,54 @@ def _atomic_write(path: Path, write):
 
 def save_adapter(model, out_dir, base_model_name_or_path: str = "") -> Path:
     """Write the adapter as PEFT does; `PeftModel.from_pretrained(hf_model, out_dir)` loads it."""
-    from safetensors.torch import save_file
-
     _index(model)  # raises if there is nothing to save
-    cfg, out = model.lora_config, Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    cfg = model.lora_config
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if ".lora_A." in k or ".lora_B." in k}
+    return _write_adapter(out_dir, tensors, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"],
+                          cfg["layers"], base_model_name_or_path)
+
+
+def save_stacked_adapter(model, first_dir, out_dir, base_model_name_or_path: str = "") -> Path:
+    """Write the adapter of `first_dir` followed by the model's own as ONE adapter of the original base model.
+
+    For a run that merged `first_dir` into the base weights before training its own LoRA (tvaccine.py
+    --init-adapter, e.g. TAR on top of SFT): the model it trained is W + s1 B1 A1 + s2 B2 A2 (s = alpha / r)
+    = W + [s1 B1 | s2 B2] [A1 ; A2], a LoRA of rank r1 + r2 with alpha = r1 + r2 (scale 1). Exact, and PEFT,
+    attack.py and evaluate.py load it like any other adapter."""
+    _index(model)
+    first = Path(first_dir)
+    cfg1, cfg2 = _read_config(first / CONFIG_FILE), model.lora_config
+    layers1 = cfg1.get("layers_to_transform")
+    layers1 = [layers1] if isinstance(layers1, int) else layers1
+    if set(cfg1["target_modules"]) != set(cfg2["target_modules"]) or layers1 != cfg2["layers"]:
+        raise CheckpointError(f"{first}: its adapter covers {cfg1['target_modules']} on layers {layers1 or 'all'}, "
+                              f"the model's {cfg2['target_modules']} on {cfg2['layers'] or 'all'}: cannot stack them")
+    earlier = {k.removeprefix(PEFT_PREFIX): v.float() for k, v in iter_tensors([first / WEIGHTS_FILE])}
+    own = {k: v.detach().cpu().float() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    if set(earlier) != set(own):
+        raise CheckpointError(f"{first / WEIGHTS_FILE} does not hold the same LoRA modules as the model")
+    s1, s2 = cfg1["lora_alpha"] / cfg1["r"], cfg2["lora_alpha"] / cfg2["r"]
+    stacked = {k: torch.cat([earlier[k], v]) if ".lora_A." in k else torch.cat([s1 * earlier[k], s2 * v], dim=1)
+               for k, v in own.items()}
+    rank = cfg1["r"] + cfg2["r"]
+    return _write_adapter(out_dir, stacked, rank, rank, cfg2["lora_dropout"], cfg2["target_modules"], cfg2["layers"],
+                          base_model_name_or_path)
+
+
+def _write_adapter(out_dir, tensors: dict, r: int, alpha: float, dropout: float, targets: list, layers,
+                   base_model_name_or_path: str) -> Path:
+    """adapter_model.safetensors (PEFT's key names) + adapter_config.json, each written atomically."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-        "lora_dropout": cfg["lora_dropout"], "target_modules": cfg["target_modules"], "bias": "none",
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "lora_dropout": dropout, "target_modules": targets, "bias": "none",
         "fan_in_fan_out": False, "base_model_name_or_path": base_model_name_or_path or None,
-        "inference_mode": True, "init_lora_weights": True, "layers_to_transform": cfg["layers"],
-        "layers_pattern": "layers" if cfg["layers"] is not None else None, "modules_to_save": None,
+        "inference_mode": True, "init_lora_weights": True, "layers_to_transform": layers,
+        "layers_pattern": "layers" if layers is not None else None, "modules_to_save": None,
         "use_rslora": False, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
     }
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

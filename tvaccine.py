@@ -19,6 +19,7 @@ The algorithm (SPEC section 6) is the first section below, top to bottom:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -160,6 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tar-tamper-every", type=int, default=2, help="TAR: tamper-resistance loss after every "
                    "N-th inner step (and the last)")
     p.add_argument("--tar-weight", type=float, default=4.0, help="TAR: weight of the tamper-resistance gradient")
+    p.add_argument("--init-adapter", default=None, help="an aligned adapter folder to merge into the base before "
+                   "this alignment (e.g. TAR on top of SFT, as the TAR authors start from a model that already "
+                   "refuses); the saved adapter holds both, so attack.py and evaluate.py take it as any other")
     args = p.parse_args(argv)
     args.out = args.out or f"runs/align-{args.method}"
     return args
@@ -185,6 +189,9 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if not args.tar_inner_lr > 0:
         raise ValueError(f"--tar-inner-lr must be > 0 (got {args.tar_inner_lr})")
+    if args.init_adapter and not (Path(args.init_adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--init-adapter {args.init_adapter}: no adapter_config.json there (expected an "
+                                "adapter folder written by tvaccine.py, e.g. runs/align-sft/adapter)")
 
 
 def load_alignment_data(args, tokenizer):
@@ -220,7 +227,7 @@ def make_method(args, model, harmful, log):
 
 
 def main(argv=None):
-    from lora import lora_parameters, lora_update_norms, save_adapter
+    from lora import lora_parameters, lora_update_norms, save_adapter, save_stacked_adapter
     from trainer import RunDir, count_layers, prepare_model, seed_everything, train
 
     args = parse_args(argv)
@@ -230,7 +237,7 @@ def main(argv=None):
         raise ValueError(f"--gamma {args.gamma} exceeds the model's {n_layers} layers")
     run = RunDir(args.out, vars(args), resume=args.resume, overwrite=args.overwrite)
     seed_everything(args.seed)
-    model, tokenizer = prepare_model(args)
+    model, tokenizer = prepare_model(args, adapter_to_merge=args.init_adapter)
     batches, harmful = load_alignment_data(args, tokenizer)
     method = make_method(args, model, harmful, run.log)
     params = lora_parameters(model)
@@ -238,7 +245,9 @@ def main(argv=None):
                     weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                     max_grad_norm=args.max_grad_norm, save_every=args.save_every, resume=args.resume,
                     method_state=method, progress=args.progress, desc=args.method)
-    if dist.is_main():
+    if dist.is_main() and args.init_adapter:
+        save_stacked_adapter(model, args.init_adapter, run.path / "adapter", base_model_name_or_path=args.model)
+    elif dist.is_main():
         save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
     summary.update(method=args.method, model=args.model, n_layers=n_layers,
                    lora_update_norm_per_layer=lora_update_norms(model))  # which layers training really moved

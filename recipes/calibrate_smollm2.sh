@@ -27,7 +27,10 @@ declare -A ALIGN=(
   [tvaccine-r1-g16-e4]="--method tvaccine --rho 1 --gamma 16 --epochs 4"    # the chosen setting, twice as long
   [sft-e4]="--method sft --epochs 4"
   [repnoise]="--method repnoise --epochs 2"
-  [tar]="--method tar --epochs 2"
+  [tar]="--method tar --epochs 2"                                          # the TAR authors' weight 4
+  [tar-w1]="--method tar --tar-weight 1 --epochs 2"                        # lighter tamper-resistance term
+  [tar-w0.25]="--method tar --tar-weight 0.25 --epochs 2"
+  [tar-on-sft]="--method tar --init-adapter $OUT/align-sft/adapter --epochs 2"  # TAR from the SFT-aligned model
 )
 COMMON_ATTACK="--data-dir $DATA --max-len 128 --batch-size 10 --task sst2 --poison-ratio 0.1
                --n-harmful-defender 100 --save-every 20 --no-progress --seed $SEED"

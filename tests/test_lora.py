@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_dropout, lora_modules, lora_parameters,
-                  lora_update_norms, merge_and_unload, merge_lora, save_adapter, set_trainable_layers)
+                  lora_update_norms, merge_and_unload, merge_lora, save_adapter, save_stacked_adapter,
+                  set_trainable_layers)
 from model import load_model
 from weights import CheckpointError
 
@@ -361,3 +362,39 @@ def test_load_adapter_layout_errors(tiny_checkpoint, tmp_path):
     assert "does not match the model's LoRA layout" in msg and f"missing (1): {gone}" in msg
     assert "unexpected (1): base_model.model.model.layers.9.mlp.up_proj.lora_A.weight" in msg
     assert "layers.0.self_attn.q_proj.lora_B.weight: adapter (5, 8) vs model (64, 8)" in msg
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_stacked_adapter_is_the_chain_of_two_and_loads_in_peft(kind, tiny_checkpoint, tmp_path):
+    """An adapter trained over a merged first one, saved stacked, reproduces base + first + second (PEFT as the
+    oracle for the stacked file; our merge of the first, then the second on top, as the chain)."""
+    peft = pytest.importorskip("peft")
+    folder, hf = tiny_checkpoint(kind)
+    first = apply_lora(load(folder), rank=4, alpha=8).eval()
+    randomize(first, seed=1)
+    save_adapter(first, tmp_path / "first")
+    chain = merge_and_unload(load_adapter(load(folder), tmp_path / "first"))
+    apply_lora(chain, rank=8, alpha=4).eval()  # a fresh LoRA over the merged weights, as tvaccine.py --init-adapter
+    randomize(chain, seed=2)
+    save_stacked_adapter(chain, tmp_path / "first", tmp_path / "stacked")
+    cfg = json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())
+    assert cfg["r"] == 12 and cfg["lora_alpha"] == 12
+    ids = ids_for(chain)
+    with torch.no_grad():
+        want = chain(ids)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "stacked").eval()(ids).logits
+        ours = load_adapter(load(folder), tmp_path / "stacked").eval()(ids)
+        with disable_lora(chain):
+            assert not torch.allclose(chain(ids), want, atol=1e-3)  # the second adapter matters
+    # fp32 throughout; the stacked and chained sums round differently, by ~1e-6 of logits of size ~1
+    assert (theirs - want).abs().max().item() <= 1e-4
+    assert (ours - want).abs().max().item() <= 1e-4
+
+
+def test_stacking_refuses_adapters_on_other_modules(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint("llama")
+    first = apply_lora(load(folder), targets=["q_proj", "v_proj"])
+    save_adapter(first, tmp_path / "first")
+    model = apply_lora(load(folder))
+    with pytest.raises(CheckpointError, match="cannot stack"):
+        save_stacked_adapter(model, tmp_path / "first", tmp_path / "stacked")

@@ -319,3 +319,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, tmp_
     with pytest.raises(NonFiniteLoss, match="loss is nan at step 3"):
         tvaccine.main(cli_args(folder, data_dir, tmp_path / "out"))
     assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_init_adapter_trains_on_top_and_saves_both(tiny_checkpoint, tmp_path):
+    """--init-adapter: the saved adapter stacks both ranks (the algebra is checked in test_lora), so it loads on
+    the plain base like any other; a folder without an adapter is refused before training."""
+    from lora import load_adapter
+    from model import load_model
+    folder, _ = tiny_checkpoint("llama", layers=3)
+    data_dir = write_safety(tmp_path / "data")
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "sft", "--method", "sft", "--epochs", "1"))
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "tar", "--method", "tar", "--epochs", "1",
+                           "--init-adapter", str(tmp_path / "sft" / "adapter")))
+    config = json.loads((tmp_path / "tar" / "adapter" / "adapter_config.json").read_text())
+    sft_config = json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 * sft_config["r"]
+    base, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
+    load_adapter(base, tmp_path / "tar" / "adapter")  # a plain adapter of the base model
+    with pytest.raises(FileNotFoundError, match="--init-adapter .*no adapter_config.json"):
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "x", "--init-adapter", str(tmp_path)))
