@@ -3,6 +3,7 @@
 # exists). Each run is "name|tvaccine.py flags" for alignment and "name|attack.py flags" for attacks; every
 # aligned model is evaluated before the attack (HS only) and after each attack (HS + SST-2 FA).
 #   RUNS="sft tvaccine-r3" ATTACKS="a1e-3" bash recipes/calibrate_smollm2.sh    # a subset, e.g. one per core
+#   RUNS="vaccine-r1" ATTACKS="" bash recipes/calibrate_smollm2.sh               # align and check the gate only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -47,7 +48,7 @@ stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
 fresh_or_resume() { if [ -e "$1/checkpoint.pt" ]; then echo --resume; else echo --overwrite; fi; }
 
 RUNS=${RUNS:-"nonaligned sft tvaccine-r3 vaccine-r3"}
-ATTACKS=${ATTACKS:-"a1e-3 a2e-4"}
+ATTACKS=${ATTACKS-"a1e-3 a2e-4"}  # ATTACKS="" attacks nothing: the alignments and their evaluation only
 for run in $RUNS; do
   if [ "$run" = nonaligned ]; then
     aligned=(); label=(--label non-aligned)
