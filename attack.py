@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import dist
-from trainer import add_common_args, check_common_args, cli, count_layers, prepare_model
+from trainer import add_common_args, check_adapter_folder, check_common_args, cli, count_layers, prepare_model
 from tvaccine import sft_step
 
 
@@ -42,12 +42,7 @@ def check_attack_args(args):
         raise ValueError(f"--poison-ratio must be in [0, 1] (got {args.poison_ratio})")
     if args.samples < args.batch_size:
         raise ValueError(f"--samples {args.samples} is fewer than one batch of {args.batch_size}")
-    if args.aligned:
-        from pathlib import Path
-        folder = Path(args.aligned)
-        if not (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--aligned {folder}: no adapter_config.json there (expected the "
-                                    "adapter folder written by tvaccine.py, e.g. runs/align-tvaccine/adapter)")
+    check_adapter_folder("--aligned", args.aligned)
 
 
 def load_attack_data(args, tokenizer):

@@ -238,10 +238,9 @@ def stage_info(adapter: str | None) -> dict:
 
 
 def check_adapters(args):
+    from trainer import check_adapter_folder
     for flag, adapter in (("--aligned", args.aligned), ("--attacked", args.attacked)):
-        if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{flag} {adapter}: no adapter_config.json there (expected an adapter folder "
-                                    "such as runs/align-tvaccine/adapter)")
+        check_adapter_folder(flag, adapter)
     # The attack run records which aligned adapter it trained on; merging another one is most likely a slip.
     attack_config = stage_info(args.attacked).get("config", {})
     same = lambda a, b: (Path(a).resolve() == Path(b).resolve()) if a and b else not a and not b  # noqa: E731

@@ -240,12 +240,22 @@ def _atomic_write(path: Path, write):
         raise
 
 
+def _lora_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's LoRA A and B weights by state-dict key, detached, on the CPU."""
+    _index(model)  # raises if there is nothing to save
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def _config_layers(cfg: dict) -> list[int] | None:
+    """PEFT's layers_to_transform as a list (it may be one int), None for every layer."""
+    layers = cfg.get("layers_to_transform")
+    return [layers] if isinstance(layers, int) else layers
+
+
 def save_adapter(model, out_dir, base_model_name_or_path: str = "") -> Path:
     """Write the adapter as PEFT does; `PeftModel.from_pretrained(hf_model, out_dir)` loads it."""
-    _index(model)  # raises if there is nothing to save
+    tensors = _lora_tensors(model)
     cfg = model.lora_config
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if ".lora_A." in k or ".lora_B." in k}
     return _write_adapter(out_dir, tensors, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"],
                           cfg["layers"], base_model_name_or_path)
 
@@ -257,16 +267,14 @@ def save_stacked_adapter(model, first_dir, out_dir, base_model_name_or_path: str
     --init-adapter, e.g. TAR on top of SFT): the model it trained is W + s1 B1 A1 + s2 B2 A2 (s = alpha / r)
     = W + [s1 B1 | s2 B2] [A1 ; A2], a LoRA of rank r1 + r2 with alpha = r1 + r2 (scale 1). Exact, and PEFT,
     attack.py and evaluate.py load it like any other adapter."""
-    _index(model)
+    own = {k: v.float() for k, v in _lora_tensors(model).items()}
     first = Path(first_dir)
     cfg1, cfg2 = _read_config(first / CONFIG_FILE), model.lora_config
-    layers1 = cfg1.get("layers_to_transform")
-    layers1 = [layers1] if isinstance(layers1, int) else layers1
+    layers1 = _config_layers(cfg1)
     if set(cfg1["target_modules"]) != set(cfg2["target_modules"]) or layers1 != cfg2["layers"]:
         raise CheckpointError(f"{first}: its adapter covers {cfg1['target_modules']} on layers {layers1 or 'all'}, "
                               f"the model's {cfg2['target_modules']} on {cfg2['layers'] or 'all'}: cannot stack them")
     earlier = {k.removeprefix(PEFT_PREFIX): v.float() for k, v in iter_tensors([first / WEIGHTS_FILE])}
-    own = {k: v.detach().cpu().float() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
     if set(earlier) != set(own):
         raise CheckpointError(f"{first / WEIGHTS_FILE} does not hold the same LoRA modules as the model")
     s1, s2 = cfg1["lora_alpha"] / cfg1["r"], cfg2["lora_alpha"] / cfg2["r"]
@@ -327,10 +335,9 @@ def load_adapter(model, adapter_dir, lora_dtype=None):
                                   f"{WEIGHTS_FILE} (as written by save_adapter or PEFT's save_pretrained)")
     cfg = _read_config(folder / CONFIG_FILE)
     tensors = dict(iter_tensors([folder / WEIGHTS_FILE]))  # read (a corrupt file raises) before touching the model
-    layers = cfg.get("layers_to_transform")
     if getattr(model, "_lora_index", None) is None:
         apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"],
-                   [layers] if isinstance(layers, int) else layers, lora_dtype)
+                   _config_layers(cfg), lora_dtype)
     have = model.lora_config
     if (have["r"], have["lora_alpha"]) != (cfg["r"], cfg["lora_alpha"]):
         raise CheckpointError(f"{folder}: the adapter has rank {cfg['r']}, alpha {cfg['lora_alpha']} but the "

@@ -360,6 +360,13 @@ def add_common_args(p: argparse.ArgumentParser, lr: float):
                    "processes with FSDP (models that do not fit one GPU); LoRA stays whole on every rank")
 
 
+def check_adapter_folder(flag: str, folder) -> None:
+    """A flag naming an adapter folder must name one (adapter_config.json inside), before any weights are read."""
+    if folder and not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{flag} {folder}: no adapter_config.json there (expected an adapter folder written "
+                                "by tvaccine.py or attack.py, e.g. runs/align-tvaccine/adapter)")
+
+
 def check_common_args(args):
     """Bad hyperparameters shared with attack.py fail here, before any data or weights are read."""
     positive = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,

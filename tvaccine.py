@@ -19,12 +19,11 @@ The algorithm (SPEC section 6) is the first section below, top to bottom:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 import dist
-from trainer import add_common_args, check_common_args, cli
+from trainer import add_common_args, check_adapter_folder, check_common_args, cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm
@@ -189,9 +188,7 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if not args.tar_inner_lr > 0:
         raise ValueError(f"--tar-inner-lr must be > 0 (got {args.tar_inner_lr})")
-    if args.init_adapter and not (Path(args.init_adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--init-adapter {args.init_adapter}: no adapter_config.json there (expected an "
-                                "adapter folder written by tvaccine.py, e.g. runs/align-sft/adapter)")
+    check_adapter_folder("--init-adapter", args.init_adapter)
 
 
 def load_alignment_data(args, tokenizer):
