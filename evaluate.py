@@ -630,11 +630,71 @@ def per_run_table(results: list[dict], split: str = "all") -> str:
     return "\n".join(lines)
 
 
+def poison_ratio(r: dict) -> float:
+    """The harmful ratio p of the attack behind an evaluation. results.json names the attack's adapter; its run
+    folder's config.json is read from beside the evaluation folder, where the recipes write it and
+    recipes/collect.sh copies it (the recorded path may point into a runs/ folder that is not kept)."""
+    attacked = (r.get("adapters") or {}).get("attacked")
+    if not attacked:
+        raise ValueError(f"{r['dir']}: no attacked adapter recorded, so no harmful ratio (an evaluation before "
+                         "the attack does not belong in a harmful-ratio sweep)")
+    config = Path(r["dir"]).parent / Path(attacked).parent.name / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{r['dir']}: the attack run's {config} is missing, so its harmful ratio is unknown")
+    return float(json.loads(config.read_text())["poison_ratio"])
+
+
+def ratio_table(results: list[dict]) -> str:
+    """The paper's harmful-ratio sweep: rows = methods, columns = HS and FA at each harmful ratio p of the
+    attack (several seeds of a cell: mean ± standard error)."""
+    ratios = sorted({r["p"] for r in results})
+    methods = list(dict.fromkeys(_row_name(r) for r in results))
+    head = ["method"] + [f"HS p={p:g} ↓" for p in ratios] + [f"FA p={p:g} ↑" for p in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        cells = [_cell([r[key] for r in results if _row_name(r) == m and r["p"] == p and r.get(key) is not None])
+                 for key in ("HS", "FA") for p in ratios]
+        lines.append("| " + " | ".join([m] + cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_ratio_sweep(plt, results: list[dict], out: Path) -> Path:
+    """HS (left) and FA (right) against the harmful ratio p, one line per method (mean over seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m in dict.fromkeys(_row_name(r) for r in results):
+        ratios = sorted({r["p"] for r in results if _row_name(r) == m})
+        for ax, key in zip(axes, ("HS", "FA")):
+            means = [statistics.mean(r[key] for r in results if _row_name(r) == m and r["p"] == p) for p in ratios]
+            ax.plot(ratios, means, "o-", label=m)
+    for ax, key in zip(axes, ("HS", "FA")):
+        ax.set(xlabel="harmful ratio p of the attack", ylabel=f"{key} (%)", title=f"{key} after the attack")
+        ax.legend(fontsize=7)
+    png = out / "harmful_ratio.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def summarize_by_ratio(args, results: list[dict]) -> str:
+    results = [{**r, "p": poison_ratio(r)} for r in results]
+    table = ratio_table(results)
+    if args.hs_split != "all":
+        table += f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
+    print(table)
+    if args.plot:
+        out = Path(args.out) if args.out else Path(args.summarize[0]).resolve().parent
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"plots: {plot_ratio_sweep(_pyplot(), results, out)}")
+    return table
+
+
 def summarize(args) -> str:
     if args.hand_sure_only and not args.hand_labels:
         raise ValueError("--hand-sure-only needs --hand-labels")
     hand = read_hand_verdicts(Path(args.hand_labels), args.hand_sure_only) if args.hand_labels else None
     results = load_results(args.summarize, args.hs_split, hand)
+    if args.by_poison_ratio:
+        return summarize_by_ratio(args, results)
     if args.per_run:
         print(table := per_run_table(results, args.hs_split))
         return table
@@ -734,6 +794,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument("--summarize", nargs="+", metavar="DIR", help="print the table of these evaluation folders")
     p.add_argument("--plot", action="store_true", help="with --summarize: also write PNGs (needs matplotlib)")
+    p.add_argument("--by-poison-ratio", action="store_true", help="with --summarize: HS and FA against the "
+                   "attack's harmful ratio p (the paper's sweep; --plot: harmful_ratio.png)")
     p.add_argument("--per-run", action="store_true", help="with --summarize: one row per folder (a sweep)")
     p.add_argument("--hs-split", choices=HS_SPLITS, default="all", help="with --summarize: HS on all prompts, on "
                    "the calibration split (every 4th) or on the final split (the rest), from saved verdicts")
@@ -753,6 +815,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args):
+    if (args.by_poison_ratio or args.per_run) and not args.summarize:
+        raise ValueError("--by-poison-ratio and --per-run work with --summarize DIR [DIR ...]")
     if args.plot and not args.summarize:
         raise ValueError("--plot works with --summarize DIR [DIR ...]")
     for name in ("n_hs", "n_fa", "batch_size", "max_new_tokens_hs", "max_new_tokens_fa"):

@@ -39,6 +39,8 @@ declare -A ATTACK=(
   [a1e-3]="--samples 200 --epochs 2 --lr 1e-3"           # the README's first regime: 40 steps
   [a2e-4]="--samples 400 --epochs 4 --lr 2e-4"           # gentler, longer: 160 steps
   [a5e-4]="--samples 400 --epochs 4 --lr 5e-4"           # between the two, 160 steps
+  [a5e-4-p0.05]="--samples 400 --epochs 4 --lr 5e-4 --poison-ratio 0.05"  # the harmful-ratio sweep
+  [a5e-4-p0.2]="--samples 400 --epochs 4 --lr 5e-4 --poison-ratio 0.2"
 )
 EVAL="--data-dir $DATA --judge rules --n-hs 200 --max-new-tokens-hs 64 --n-fa $N_FA --max-new-tokens-fa 16
       --batch-size 16 --no-progress --seed $SEED"

@@ -16,16 +16,18 @@
 #
 #   bash recipes/cpu_smollm2.sh                         # everything, one process
 #   SEEDS="2" RUNS="sft vaccine-r3" bash recipes/cpu_smollm2.sh   # a part, e.g. one process per core
+#   SEEDS=1 BASELINE=0 ATTACKS="a5e-4-p0.05 a5e-4-p0.2" bash recipes/cpu_smollm2.sh   # the harmful-ratio sweep
 # Then label the answers (README, "The harmful-score judge") and summarise:
 #   python evaluate.py --summarize runs/main/seed*/eval-* --hs-split final --hand-labels results/judge/labels.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"1 2 3"}
 RUNS=${RUNS:-"sft vaccine-r3 tvaccine-r1-g16"}
+ATTACKS=${ATTACKS:-a5e-4}   # the frozen attack (p 0.1); the sweep adds p 0.05 and 0.2 (recipes/calibrate_smollm2.sh)
 BASELINE=${BASELINE:-1}   # also the non-aligned model, before and after the attack (seed 1)
 for seed in $SEEDS; do
   runs=$RUNS
   if [ "$BASELINE" = 1 ] && [ "$seed" = 1 ]; then runs="nonaligned $runs"; fi
-  OUT=runs/main/seed$seed SEED=$seed N_FA=200 LABEL_BY=method RUNS="$runs" ATTACKS=a5e-4 \
+  OUT=runs/main/seed$seed SEED=$seed N_FA=200 LABEL_BY=method RUNS="$runs" ATTACKS="$ATTACKS" \
     bash recipes/calibrate_smollm2.sh
 done

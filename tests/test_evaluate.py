@@ -506,3 +506,36 @@ def test_curves_draw_each_methods_clean_ce(tmp_path):
     assert ax.lines == [("sft: clean CE", [2.0]), ("vaccine: clean CE", [2.2]),
                         ("vaccine: perturbed loss (pass 2)", [2.5]), ("repnoise: clean CE", [3.1]),
                         ("tar: clean CE", [3.5])]
+
+
+def test_harmful_ratio_sweep_reads_p_from_the_attack_run_beside_each_evaluation(tmp_path):
+    """p comes from each attack run's config.json (found beside the evaluation folder, as collect.sh keeps it),
+    not from anything the evaluation wrote; cells are means ± SE over seeds, by hand."""
+    def attacked(seed, name, method, p, hs, fa):
+        root = tmp_path / f"seed{seed}"
+        (root / f"attack-{name}").mkdir(parents=True)
+        (root / f"attack-{name}" / "config.json").write_text(json.dumps({"poison_ratio": p}))
+        return fake_result(root / f"eval-{name}", method, "sst2", hs, fa,
+                           adapters={"attacked": f"runs/elsewhere/attack-{name}/adapter"})
+    dirs = [attacked(1, "sft-p0.1", "sft", 0.1, 40.0, 90.0), attacked(2, "sft-p0.1", "sft", 0.1, 50.0, 88.0),
+            attacked(1, "sft-p0.2", "sft", 0.2, 70.0, 86.0), attacked(1, "vac-p0.05", "vaccine", 0.05, 10.0, 91.0)]
+    table = ev.main(["--summarize", *dirs, "--by-poison-ratio"])
+    assert "| method | HS p=0.05 ↓ | HS p=0.1 ↓ | HS p=0.2 ↓ | FA p=0.05 ↑ | FA p=0.1 ↑ | FA p=0.2 ↑ |" in table
+    assert "| sft | — | 45.00 ± 5.00 (2) | 70.00 | — | 89.00 ± 1.00 (2) | 86.00 |" in table
+    assert "| vaccine | 10.00 | — | — | 91.00 | — | — |" in table
+    before = fake_result(tmp_path / "seed1" / "eval-sft-aligned", "sft", "none", 0.0, None)
+    with pytest.raises(ValueError, match="no attacked adapter"):
+        ev.main(["--summarize", before, "--by-poison-ratio"])
+    (tmp_path / "seed1" / "attack-sft-p0.2" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="harmful ratio is unknown"):
+        ev.main(["--summarize", *dirs, "--by-poison-ratio"])
+
+
+def test_harmful_ratio_plot_draws_mean_hs_and_fa_per_method_against_p(tmp_path):
+    hs_ax, fa_ax = RecordingAxis(), RecordingAxis()
+    figure = SimpleNamespace(savefig=lambda *a, **k: None)
+    plt = SimpleNamespace(subplots=lambda *a, **k: (figure, (hs_ax, fa_ax)), close=lambda fig: None)
+    results = [{"method": "sft", "p": 0.2, "HS": 70.0, "FA": 86.0}, {"method": "sft", "p": 0.1, "HS": 40.0, "FA": 90.0},
+               {"method": "sft", "p": 0.1, "HS": 50.0, "FA": 88.0}]
+    ev.plot_ratio_sweep(plt, results, tmp_path)
+    assert hs_ax.lines == [("sft", [45.0, 70.0])] and fa_ax.lines == [("sft", [89.0, 86.0])]
