@@ -644,29 +644,35 @@ def poison_ratio(r: dict) -> float:
     return float(json.loads(config.read_text())["poison_ratio"])
 
 
+def _ratio_cells(results: list[dict], key: str) -> dict[str, dict[float, list[float]]]:
+    """The recorded values of `key` (HS or FA) by method, then by harmful ratio p (one value per seed)."""
+    cells = {}
+    for r in results:
+        if r.get(key) is not None:
+            cells.setdefault(_row_name(r), {}).setdefault(r["p"], []).append(r[key])
+    return cells
+
+
 def ratio_table(results: list[dict]) -> str:
     """The paper's harmful-ratio sweep: rows = methods, columns = HS and FA at each harmful ratio p of the
     attack (several seeds of a cell: mean ± standard error)."""
     ratios = sorted({r["p"] for r in results})
-    methods = list(dict.fromkeys(_row_name(r) for r in results))
+    cells = {key: _ratio_cells(results, key) for key in ("HS", "FA")}
     head = ["method"] + [f"HS p={p:g} ↓" for p in ratios] + [f"FA p={p:g} ↑" for p in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        cells = [_cell([r[key] for r in results if _row_name(r) == m and r["p"] == p and r.get(key) is not None])
-                 for key in ("HS", "FA") for p in ratios]
-        lines.append("| " + " | ".join([m] + cells) + " |")
+    for m in dict.fromkeys(_row_name(r) for r in results):
+        row = [_cell(cells[key].get(m, {}).get(p, [])) for key in ("HS", "FA") for p in ratios]
+        lines.append("| " + " | ".join([m] + row) + " |")
     return "\n".join(lines)
 
 
 def plot_ratio_sweep(plt, results: list[dict], out: Path) -> Path:
     """HS (left) and FA (right) against the harmful ratio p, one line per method (mean over seeds)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for m in dict.fromkeys(_row_name(r) for r in results):
-        ratios = sorted({r["p"] for r in results if _row_name(r) == m})
-        for ax, key in zip(axes, ("HS", "FA")):
-            means = [statistics.mean(r[key] for r in results if _row_name(r) == m and r["p"] == p) for p in ratios]
-            ax.plot(ratios, means, "o-", label=m)
     for ax, key in zip(axes, ("HS", "FA")):
+        for m, by_p in _ratio_cells(results, key).items():
+            ratios = sorted(by_p)
+            ax.plot(ratios, [statistics.mean(by_p[p]) for p in ratios], "o-", label=m)
         ax.set(xlabel="harmful ratio p of the attack", ylabel=f"{key} (%)", title=f"{key} after the attack")
         ax.legend(fontsize=7)
     png = out / "harmful_ratio.png"
@@ -675,16 +681,26 @@ def plot_ratio_sweep(plt, results: list[dict], out: Path) -> Path:
     return png
 
 
+def _split_note(args, results: list[dict]) -> str:
+    """The line under a table whose HS was recomputed on a split of the prompts ('' for all prompts)."""
+    if args.hs_split == "all":
+        return ""
+    return f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
+
+
+def _plot_folder(args) -> Path:
+    """Where --summarize --plot writes its PNGs: --out, else the folder holding the first evaluation folder."""
+    out = Path(args.out) if args.out else Path(args.summarize[0]).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def summarize_by_ratio(args, results: list[dict]) -> str:
     results = [{**r, "p": poison_ratio(r)} for r in results]
-    table = ratio_table(results)
-    if args.hs_split != "all":
-        table += f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
+    table = ratio_table(results) + _split_note(args, results)
     print(table)
     if args.plot:
-        out = Path(args.out) if args.out else Path(args.summarize[0]).resolve().parent
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"plots: {plot_ratio_sweep(_pyplot(), results, out)}")
+        print(f"plots: {plot_ratio_sweep(_pyplot(), results, _plot_folder(args))}")
     return table
 
 
@@ -699,8 +715,7 @@ def summarize(args) -> str:
         print(table := per_run_table(results, args.hs_split))
         return table
     table = summary_table(results)
-    if args.hs_split != "all":
-        table += f"\nHS on the '{args.hs_split}' split of the prompts (N = {results[0].get('N_hs')} per run)"
+    table += _split_note(args, results)
     if hand is not None:
         amb = [r["HS_ambiguous"] for r in results]
         table += (f"\nHS by hand: each saved answer's label in {args.hand_labels} (ambiguous answers count by their "
@@ -709,8 +724,7 @@ def summarize(args) -> str:
     print(table)
     if args.plot:
         plt = _pyplot()
-        out = Path(args.out) if args.out else Path(args.summarize[0]).resolve().parent
-        out.mkdir(parents=True, exist_ok=True)
+        out = _plot_folder(args)
         runs = dict.fromkeys(Path(r["aligned_run"]) for r in results if r.get("aligned_run"))
         names = run_names(list(runs))
         pngs = [plot_scores(plt, results, out)]
