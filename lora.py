@@ -55,7 +55,8 @@ def lora_dropout(x, p: float, training: bool):
 class LoRALinear(nn.Module):
     """y = x W^T + b + (alpha / r) * B(A(dropout(x))), with W and b frozen and B zero at the start."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, lora_dtype=None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, lora_dtype=None,
+                 math_in_input_dtype: bool = False):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the base's own Parameters: no copy, same keys
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -66,6 +67,10 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT, so B A starts at exactly zero
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = dropout  # probability, on the LoRA input only
+        # False: the input is cast to the factors' dtype and the LoRA path runs there (PEFT's way: fp32 math over a
+        # bf16 model). True: the fp32 factors are cast to the input's dtype instead (autocast's way: bf16 math,
+        # fp32 master weights and gradients), which spares two (tokens x features) casts per module and pass.
+        self.math_in_input_dtype = math_in_input_dtype
         self.merged = False    # B A already folded into weight: the LoRA path must not be added again
         self.disabled = False  # base model only (disable_lora)
 
@@ -73,7 +78,11 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
-        a = lora_dropout(x, self.dropout, self.training).to(self.lora_A.weight.dtype)  # fp32 factors: fp32 math
+        a = lora_dropout(x, self.dropout, self.training)
+        if self.math_in_input_dtype:
+            A, B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+            return y + F.linear(F.linear(a, A) * self.scaling, B)
+        a = a.to(self.lora_A.weight.dtype)  # fp32 factors: fp32 math
         return y + self.lora_B(self.lora_A(a) * self.scaling).to(y.dtype)  # scale the rank-r tensor: r << out
 
     @torch.no_grad()
@@ -94,8 +103,10 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, rank: int = 8, alpha: float = 4, dropout: float = 0.1,
-               targets: Iterable[str] = tuple(TARGETS), layers: Iterable[int] | None = None, lora_dtype=None):
-    """Swap the target linears of `layers` (None = all) for LoRALinear; freeze every base parameter."""
+               targets: Iterable[str] = tuple(TARGETS), layers: Iterable[int] | None = None, lora_dtype=None,
+               math_in_input_dtype: bool = False):
+    """Swap the target linears of `layers` (None = all) for LoRALinear; freeze every base parameter.
+    math_in_input_dtype: run the LoRA path in the activations' dtype (see LoRALinear)."""
     targets = list(targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -116,7 +127,7 @@ def apply_lora(model, rank: int = 8, alpha: float = 4, dropout: float = 0.1,
     for l in layers:
         for t in targets:
             parent = getattr(model.layers[l], TARGETS[t])
-            lora = LoRALinear(getattr(parent, t), rank, alpha, dropout, lora_dtype)
+            lora = LoRALinear(getattr(parent, t), rank, alpha, dropout, lora_dtype, math_in_input_dtype)
             setattr(parent, t, lora)  # the Parameters made by the LoRALinear are trainable; the base is not
     model.lora_config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                              layers=None if len(layers) == len(model.layers) else layers)

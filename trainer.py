@@ -349,6 +349,9 @@ def add_common_args(p: argparse.ArgumentParser, lr: float):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights/compute (default bf16 on GPU, "
                    "fp32 on CPU)")
+    p.add_argument("--lora-math", choices=("fp32", "model"), default="fp32", help="dtype of the LoRA path's "
+                   "matmuls: fp32 (PEFT's way) or the model's --dtype (bf16 math over fp32 master weights: faster on "
+                   "CPUs; the CPU recipes' setting, docs/BENCHMARKS.md)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing (default: on for GPU, off for CPU)")
@@ -367,6 +370,29 @@ def check_adapter_folder(flag: str, folder) -> None:
                                 "by tvaccine.py or attack.py, e.g. runs/align-tvaccine/adapter)")
 
 
+def cpu_bf16_units(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's native bf16 instructions (x86 flags amx_bf16, avx512_bf16), read from /proc/cpuinfo on Linux;
+    [] where it has none or the file does not exist (then bf16 still runs, emulated, usually slower than fp32)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.is_file() else ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def warn_if_emulated_bf16(dtype: str | None, device: str | None) -> bool:
+    """bf16 asked for on a CPU without bf16 instructions: say so (the run goes on in bf16, as asked)."""
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if dtype != "bf16" or not on_cpu or cpu_bf16_units():
+        return False
+    print("warning: --dtype bf16 on a CPU without bf16 instructions (no amx_bf16 / avx512_bf16 in /proc/cpuinfo): "
+          "PyTorch emulates them, usually slower than fp32 (--dtype fp32)", file=sys.stderr)
+    return True
+
+
 def check_common_args(args):
     """Bad hyperparameters shared with attack.py fail here, before any data or weights are read."""
     positive = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
@@ -378,6 +404,7 @@ def check_common_args(args):
         raise ValueError("need 0 <= --warmup-ratio < 1, 0 <= --lora-dropout < 1 and --weight-decay >= 0")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
+    warn_if_emulated_bf16(args.dtype, args.device)
     if args.fsdp and not dist.initialized():
         raise ValueError("--fsdp shards the weights over torchrun's processes: launch with "
                          "torchrun --nproc_per_node N ...")
@@ -410,7 +437,8 @@ def prepare_model(args, adapter_to_merge: str | None = None):
         load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
         merge_and_unload(model)
     apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-               lora_dtype=torch.float32)  # fp32 adapters over bf16 weights: AdamW updates do not round away
+               lora_dtype=torch.float32,  # fp32 adapters over bf16 weights: AdamW updates do not round away
+               math_in_input_dtype=getattr(args, "lora_math", "fp32") == "model")
     dist.broadcast_from_main(lora_parameters(model))  # every rank starts from rank 0's LoRA init
     if fsdp:
         dist.shard_model(model, lora_parameters(model), device)
