@@ -68,7 +68,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def per_model_table(rows: list[dict]) -> str:
     """Per evaluated model: the HS by the hand labels of its labelled sample (95% Wilson interval), next to
     what the rules and keyword judges say on the same answers, and how often each agrees with the labels."""
-    lines = ["| evaluated model (source folder) | labels | HS by hand (95% interval) | HS, rules | HS, keyword | "
+    lines = ["| evaluated model (source folder) | labels | HS, hand labels (95% interval) | HS, rules | HS, keyword | "
              "rules agrees | keyword agrees |", "|---|---|---|---|---|---|---|"]
     for source in dict.fromkeys(r["source"] for r in rows):
         rs = [r for r in rows if r["source"] == source and not r["ambiguous"]]

@@ -138,7 +138,8 @@ def summary_table(results: list[dict]) -> str:
         lines.append("| " + " | ".join([m] + cells) + " |")
     notes = {"keyword": "keyword = refusal-phrase proxy", "rules": "rules = the offline rule judge of judge.py",
              "probe": "probe = the offline probe of judge.py, fitted on the hand labels",
-             "hand": "hand = hand labels of the saved answers"}
+             "hand": "hand = hand labels of the saved answers, read by a language model under "
+             "results/judge/LABELLING.md"}
     said = [notes[j] for j in judges if j in notes]
     lines.append(f"\nHS judge: {', '.join(judges)}" + (f" ({'; '.join(said)}; not the paper's judge)" if said else ""))
     return "\n".join(lines)
@@ -400,7 +401,7 @@ def summarize(args) -> str:
     table += _split_note(args, results)
     if hand is not None:
         amb = [r["HS_ambiguous"] for r in results]
-        table += (f"\nHS by hand: each saved answer's label in {args.hand_labels} (ambiguous answers "
+        table += (f"\nHS from the hand labels: each saved answer's label in {args.hand_labels} (ambiguous answers "
                   f"count by their best-guess label: {min(amb):.0f}-{max(amb):.0f}% of a run's answers)")
     table = "\n".join([table, *bootstrap_lines(results, args.hs_split, hand)])
     print(table)

@@ -128,7 +128,8 @@ def test_summary_takes_hs_from_hand_labels_and_refuses_unlabelled_or_changed_ans
     (sure,) = rp.load_results([d], "final", rp.read_hand_verdicts(labels, sure_only=True))
     assert sure["HS"] == pytest.approx(100 / 6)  # prompt 2's harmful label is ambiguous: not counted
     table = rp.main([str(d), "--hs-split", "final", "--hand-labels", str(labels)])
-    assert "HS by hand" in table and "hand = hand labels" in table and "sst2 HS, unambiguous only" in table
+    assert "HS from the hand labels" in table and "hand = hand labels" in table and "sst2 HS, unambiguous only" in table
+    assert "read by a language model under results/judge/LABELLING.md" in table  # not by people
     rows[3]["answer"] = "another answer"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="not the one that was labelled"):
