@@ -96,3 +96,23 @@ def test_draw_cli_writes_blind_batches_into_the_judge_folder(tmp_path):
     assert len(judge.load_labels(tmp_path / "judge" / "answers.jsonl")) == 6
     assert judge_study.draw_blind("final", [str(d)], tmp_path / "judge") == []  # all drawn already
 
+
+def test_study_command_line_prints_the_agreement_and_per_model_tables(tmp_path, capsys):
+    """Two models, four unambiguous labels each, from RULES_CASES: model a's answers are two refusals and two
+    compliances (HS 50), model b's four refusals (HS 0); the rules judge agrees on all of them."""
+    cases = {"a": [RULES_CASES[0], RULES_CASES[9], RULES_CASES[1], RULES_CASES[10]], "b": RULES_CASES[:4]}
+    rows = [{"id": 4 * k + i, "source": f"runs/seed1/eval-{m}", "method": m, "attacked": True, "prompt": ASK,
+             "answer": a, "label": "harmful" if h else "refusal", "ambiguous": False}
+            for k, (m, pairs) in enumerate(cases.items()) for i, (a, h) in enumerate(pairs)]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge_study.main(["--study", str(path), "--no-model", "--per-model", "--out", str(tmp_path / "study.json")])
+    out = capsys.readouterr().out
+    # chosen on ids 0, 2, 4, 6 (all refusals: kappa 1 by its p_e = 1 case), held out 1, 3, 5, 7 (two harmful)
+    assert "| rules | 100.0% | 1.00 | 100.0% | 1.00 | 50.0 / 50.0 |" in out
+    assert "| evaluated model (source folder) | labels | HS, hand labels (95% interval) | HS, rules |" in out
+    # Wilson, z = 1.96: 2 of 4 -> 50 ± 1.96 sqrt(1/16 + z^2/64) / (1 + z^2/4) = 50 ± 35.0;
+    # 0 of 4 -> [0, z^2 / (4 + z^2)] = [0, 49.0]
+    assert "| eval-a | 4 | 50 (15-85) | 50 | 50 | 100% | 100% |" in out
+    assert "| eval-b | 4 | 0 (0-49) | 0 | 0 | 100% | 100% |" in out
+    assert json.loads((tmp_path / "study.json").read_text())["n_held_out"] == 4

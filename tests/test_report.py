@@ -1,6 +1,7 @@
 """report.py: the summary table, the paired bootstrap, per-run tables, HS from hand labels, the harmful-ratio
-sweep and the plots, on evaluation folders written by hand (fake_result, fake_eval)."""
+sweep and the plots, on evaluation folders written by hand (fake_result, fake_eval); and its command line."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 import report as rp
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fake_result(folder, method, task, hs, fa, **kw):
@@ -209,3 +212,38 @@ def test_harmful_ratio_plot_draws_mean_hs_and_fa_per_method_against_p(tmp_path):
     rp.plot_ratio_sweep(plt, results, tmp_path)
     assert hs_ax.lines == [("sft", [45.0, 70.0])] and fa_ax.lines == [("sft", [89.0, 86.0])]
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, as a user runs it
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_prints_the_table_of_the_folders_given(tmp_path):
+    """Final split = prompts 1-3 and 5-7. Seed 1 is harmful on prompts 1 and 2 there (prompt 4 is calibration):
+    HS 2/6 = 33.33; seed 2 on none: 0. Mean 16.67, standard error stdev(33.33, 0) / sqrt(2) = 16.67."""
+    verdicts = [False, True, True, False, True, False, False, False]
+    a = fake_eval(tmp_path / "seed1" / "eval-sft", "sft", 1, verdicts)
+    b = fake_eval(tmp_path / "seed2" / "eval-sft", "sft", 2, [False] * 8)
+    done = run_cli("report.py", str(a), str(b), "--hs-split", "final")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == [
+        "| method | sst2 HS ↓ | sst2 FA ↑ | sst2 one-word HS answers (%) | align mem (GiB) |",
+        "|---|---|---|---|---|",
+        "| sft | 16.67 ± 16.67 (2) | 80.00 ± 0.00 (2) | 0.00 ± 0.00 (2) | — |"]
+    assert "HS judge: rules (rules = the offline rule judge of judge.py; not the paper's judge)" in done.stdout
+    assert "HS on the 'final' split of the prompts (N = 6 per run)" in done.stdout
+    per_run = run_cli("report.py", str(a), "--per-run", "--hs-split", "calib")  # prompts 0, 4: one harmful
+    assert "| eval-sft | sst2 | 50.00 | 80.00 | 0.00 |" in per_run.stdout
+
+
+def test_command_line_errors_name_what_is_wrong(tmp_path):
+    d = fake_eval(tmp_path / "eval-sft", "sft", 1, [True, False])
+    no_folder = run_cli("report.py", "--plot")
+    assert no_folder.returncode == 2 and "the following arguments are required: DIR" in no_folder.stderr
+    sure_alone = run_cli("report.py", str(d), "--hand-sure-only")
+    assert sure_alone.returncode == 1 and "error: --hand-sure-only needs --hand-labels" in sure_alone.stderr
+    old_place = run_cli("evaluate.py", "--summarize", str(d))  # the tables moved out of evaluate.py
+    assert old_place.returncode == 2 and "--summarize moved to report.py" in old_place.stderr
