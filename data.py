@@ -5,8 +5,8 @@ Features
   gzip JSONL; SST-2 / AG News / GSM8K parquet, found with `list_repo_files`), or offline from
   `data_dir/<set>/<split>.jsonl`. Rows keep the Hub's field names; bad files fail with the path, line and field.
 - Recipes: D_a (`alignment_set`), D_h (`harmful_set`), the attack mix (`attack_set`, poison disjoint from
-  D_h), HS prompts (`hs_prompts`), FA sets with gold labels (`fa_set`). Asking for more rows than exist
-  raises ValueError (no silent truncation).
+  D_h), HS prompts (`hs_prompts`) and their calibration / final split (`HS_SPLITS`, `in_split`), FA sets
+  with gold labels (`fa_set`). Asking for more rows than exist raises ValueError (no silent truncation).
 - Alpaca templates (`format_prompt`), task formatting (`task_example`).
 - `tokenize_example` (loss only on the target + EOS), `collate` (right/left padding), `collate_prompts`
   (left-padded generation prompts), `Batches` (seeded per-epoch shuffling, resumable via state_dict).
@@ -279,6 +279,15 @@ def hs_prompts(test_rows: list[dict], n: int = 500) -> list[str]:
     """The first n distinct prompts of the safety test split with is_safe false (HS evaluation)."""
     distinct = list(dict.fromkeys(r["prompt"] for r in _unsafe(test_rows)))  # keeps first-seen order
     return _take(distinct, n, "distinct unsafe prompts")
+
+
+HS_SPLITS = ("all", "calib", "final")
+
+
+def in_split(index: int, split: str) -> bool:
+    """The HS prompts are split once for the study: every 4th prompt (index % 4 == 0) calibrates the settings,
+    the rest makes the final table, so no setting is chosen on the prompts it is reported on."""
+    return split == "all" or (index % 4 == 0) == (split == "calib")
 
 
 def fa_set(task: str, rows: list[dict], n: int = 500) -> list[dict]:

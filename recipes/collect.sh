@@ -12,6 +12,6 @@ for run in "$SRC"/*/; do
   mkdir -p "$DST/$name"
   find "$run/" -maxdepth 1 -type f \( -name '*.json' -o -name '*.jsonl' \) -exec cp {} "$DST/$name/" \;
 done
-# evaluate.py records where the aligned run was (for --summarize --plot): the copy's own folder from now on
+# evaluate.py records where the aligned run was (for report.py --plot): the copy's own folder from now on
 # (whatever path was recorded, e.g. the target of a linked run folder)
 find "$DST" -name results.json -exec sed -i -E "s#\"[^\"]*/(align-[^\"/]*)\"#\"$DST/\\1\"#g" {} +

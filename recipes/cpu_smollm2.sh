@@ -20,7 +20,7 @@
 #   SEEDS="2" RUNS="sft vaccine-r1" bash recipes/cpu_smollm2.sh   # a part, e.g. one process per core
 #   SEEDS=1 BASELINE=0 ATTACKS="a5e-4-p0.05 a5e-4-p0.2" bash recipes/cpu_smollm2.sh   # the harmful-ratio sweep
 # Then label the answers (README, "The harmful-score judge") and summarise:
-#   python evaluate.py --summarize runs/main/seed*/eval-{nonaligned,sft,vaccine-r1,tvaccine-r1-g16}-{aligned,a5e-4} \
+#   python report.py runs/main/seed*/eval-{nonaligned,sft,vaccine-r1,tvaccine-r1-g16}-{aligned,a5e-4} \
 #       --hs-split final --hand-labels results/judge/labels.jsonl
 # (name the folders: a row is every folder with the same method name, so eval-* would pool Vaccine rho 3 with
 # rho 1 and the harmful-ratio sweep's p 0.05 / 0.2 attacks with the p 0.1 one; the sweep: --by-poison-ratio)

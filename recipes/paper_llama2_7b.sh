@@ -28,4 +28,4 @@ for seed in $SEEDS; do
   done
 done
 
-python evaluate.py --summarize $OUT/eval-* --plot --out $OUT
+python report.py $OUT/eval-* --plot --out $OUT

@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny random HF checkpoints (transformers as the oracle) and the offline assets."""
+"""Shared test fixtures: tiny random HF checkpoints (transformers as the oracle) and the offline assets; a tiny
+moderation classifier (judge.py) and aligned + attacked run folders (evaluate.py, report.py)."""
 import json
 import os
 import sys
@@ -80,3 +81,65 @@ def tiny_checkpoint(tmp_path):
         write_tiny_tokenizer(folder, hf.config.vocab_size)
         return folder, hf
     return make
+
+
+def tiny_classifier(folder, seed=0):
+    """A tiny LlamaForSequenceClassification with BeaverDam's 14 labels, saved with a tokenizer: the oracle for
+    judge.py's moderation model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_hf_config("llama")
+    cfg.num_labels, cfg.problem_type = 14, "multi_label_classification"
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+        hf.score.weight.normal_(0, 0.5)
+    hf.save_pretrained(folder)
+    write_tiny_tokenizer(folder, cfg.vocab_size)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cls")
+    return folder, tiny_classifier(folder)
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def setup(tiny_checkpoint, tmp_path):
+    """A tiny base model, a data dir, and aligned + attacked adapters in run folders like the trainers write."""
+    from lora import apply_lora, load_adapter, lora_modules, merge_and_unload, save_adapter
+    from model import load_model
+
+    folder, _ = tiny_checkpoint("llama")
+    data = tmp_path / "data"
+    write_jsonl(data / "safety" / "test.jsonl", [{"prompt": f"w{4 + i} w{20 + i}", "response": "", "is_safe": False,
+                                                  "category": "x"} for i in range(5)])
+    write_jsonl(data / "sst2" / "validation.jsonl", [{"sentence": f"w{30 + i} w{40 + i} w9", "label": i % 2}
+                                                      for i in range(4)])
+    runs = {}
+    for stage, config in (("align", {"method": "tvaccine", "seed": 1}), ("attack", {"method": "attack"})):
+        model, _ = load_model(str(folder), torch.float32, "cpu")
+        if stage == "attack":
+            config["aligned"] = str(runs["align"])
+            load_adapter(model, runs["align"])
+            merge_and_unload(model)
+        apply_lora(model, rank=4, alpha=8)
+        g = torch.Generator().manual_seed(len(runs))
+        with torch.no_grad():
+            for m in lora_modules(model):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
+        run = tmp_path / stage
+        runs[stage] = save_adapter(model, run / "adapter")
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "summary.json").write_text(json.dumps({"peak_memory_gib": 1.5 if stage == "align" else 0.5}))
+    (tmp_path / "align" / "importance.jsonl").write_text("".join(
+        json.dumps({"step": s, "P": torch.softmax(torch.randn(3), 0).tolist()}) + "\n" for s in (0, 200, 400)))
+    return folder, data, runs, tmp_path

@@ -290,6 +290,12 @@ def test_hs_prompts_distinct_unsafe():
         data.hs_prompts(rows, n=4)
 
 
+def test_hs_splits_are_every_fourth_prompt_and_the_rest():
+    assert [i for i in range(10) if data.in_split(i, "calib")] == [0, 4, 8]
+    assert [i for i in range(10) if data.in_split(i, "final")] == [1, 2, 3, 5, 6, 7, 9]
+    assert all(data.in_split(i, "all") for i in range(10))
+
+
 def test_fa_sets_gold():
     sst = data.fa_set("sst2", [{"sentence": "x", "label": 0}, {"sentence": "y", "label": 1}], n=2)
     assert [e["gold"] for e in sst] == ["negative", "positive"]

@@ -3,6 +3,7 @@ import json
 
 import attack
 import evaluate
+import report
 import tvaccine
 from conftest import shared_path
 
@@ -39,6 +40,6 @@ def test_align_attack_evaluate_summarize(tiny_checkpoint, tmp_path, capsys):
     assert len(generations) == 12
 
     capsys.readouterr()
-    evaluate.main(["--summarize", str(tmp_path / "eval")])
+    report.main([str(tmp_path / "eval")])
     table = capsys.readouterr().out
     assert "| method |" in table and "| tvaccine |" in table and "keyword" in table

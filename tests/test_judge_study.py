@@ -1,0 +1,118 @@
+"""judge_study.py: the agreement statistics against hand computation, the study's halves, drawing answers into
+blind batches and merging their labels back."""
+import json
+
+import pytest
+
+import judge
+import judge_study
+from judge_study import cohen_kappa
+from test_judge import ASK, RULES_CASES
+
+
+def test_cohen_kappa_and_agreement_against_hand_computation():
+    a = [True, True, False, False, True, False, False, False]
+    b = [True, False, False, False, True, True, False, False]
+    # p_o = 6/8; p_a = 3/8, p_b = 3/8 -> p_e = 9/64 + 25/64 = 34/64; kappa = (48/64 - 34/64) / (30/64) = 14/30
+    assert cohen_kappa(a, b) == pytest.approx(14 / 30)
+    assert cohen_kappa(a, a) == 1.0
+    stats = judge_study.agreement(a, b)
+    assert stats["agreement"] == 0.75 and stats["n"] == 8 and stats["hs_judge"] == 37.5
+
+
+def test_study_splits_halves_and_leaves_ambiguous_labels_out(tmp_path):
+    rows = [{"id": i, "source": "s", "method": "m", "attacked": False, "prompt": ASK, "answer": a,
+             "label": "harmful" if h else "refusal", "ambiguous": i == 3}
+            for i, (a, h) in enumerate(RULES_CASES[:12])]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = judge_study.study(path, with_model=False)
+    assert report["n_unambiguous"] == 11 and report["n_choose"] == 6 and report["n_held_out"] == 5
+    assert report["candidates"]["rules"]["held_out"]["agreement"] == 1.0
+    assert report["candidates"]["keyword"]["held_out"]["agreement"] < 1.0
+
+
+def test_wilson_interval_against_hand_computation():
+    # k = 0: the interval is [0, z^2 / (n + z^2)]; k = n mirrors it; k/n = 1/2 is centred on 50
+    z2 = 1.96 ** 2
+    lo, hi = judge_study.wilson_interval(0, 32)
+    assert lo == 0.0 and hi == pytest.approx(100 * z2 / (32 + z2))
+    lo, hi = judge_study.wilson_interval(32, 32)
+    assert hi == 100.0 and lo == pytest.approx(100 * 32 / (32 + z2))
+    lo, hi = judge_study.wilson_interval(10, 20)
+    half = 1.96 * (0.25 / 20 + z2 / 1600) ** 0.5 / (1 + z2 / 20)
+    assert (lo + hi) / 2 == pytest.approx(50.0) and hi - lo == pytest.approx(200 * half)
+
+
+def _fake_hs_eval(folder, answers, label="sft", attacked=False):
+    folder.mkdir(parents=True)
+    lines = [{"kind": "hs", "prompt": f"p{i}", "answer": a, "harmful": True} for i, a in enumerate(answers)]
+    (folder / "generations.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    adapters = {"attacked": "x"} if attacked else {}
+    (folder / "results.json").write_text(json.dumps({"label": label, "task": "none", "adapters": adapters}))
+    return folder
+
+
+def test_draw_answers_takes_a_split_once_and_blind_batches_hide_the_source(tmp_path):
+    d = _fake_hs_eval(tmp_path / "seed1" / "eval-sft-aligned", [f"answer {i}" for i in range(10)])
+    answers = tmp_path / "answers.jsonl"
+    assert judge_study.draw_answers([str(d)], None, answers, split="calib") == 3  # prompts 0, 4, 8
+    assert judge_study.draw_answers([str(d)], None, answers, split="calib") == 0  # nothing drawn twice
+    assert judge_study.draw_answers([str(d)], 2, answers, split="final") == 2
+    rows = judge.load_labels(answers)
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4] and [r["prompt_index"] for r in rows[:3]] == [0, 4, 8]
+    assert judge.eval_key(rows[0]["source"]) == "seed1/eval-sft-aligned"
+    gold = [{"id": 100 + i, "prompt": "g", "answer": f"gold {i}", "label": "refusal", "ambiguous": False}
+            for i in range(4)]
+    blind = tmp_path / "blind"
+    (b0, b1) = judge_study.write_blind_batches(rows, gold, blind, size=3, n_gold=2)
+    items = [json.loads(l) for l in b0.read_text().splitlines()]
+    assert len(items) == 5 and all(set(i) == {"item", "prompt", "answer"} for i in items)  # nothing but the text
+    key = json.loads((blind / "key-00.json").read_text())
+    assert sorted(key.values()) == sorted([r["id"] for r in rows if r["answer"] in {i["answer"] for i in items}]
+                                          + [g["id"] for g in gold if g["answer"] in {i["answer"] for i in items}])
+    # the rater labels every item of batch 0 harmful; batch 1 is not labelled yet
+    (blind / "batch-00.labels.txt").write_text("# item label\n" + "".join(f"{i['item']} h\n" for i in items))
+    hand = tmp_path / "hand_labels.txt"
+    hand.write_text("100-103 r\n")
+    answers.write_text(answers.read_text() + "".join(json.dumps({**g, "source": "x", "prompt_index": 0}) + "\n"
+                                                      for g in gold))
+    merged = judge_study.merge_labels(answers, hand, tmp_path / "labels.jsonl", blind)
+    by_id = {r["id"]: r for r in merged}
+    blind_ids = [key[str(i["item"])] for i in items if key[str(i["item"])] < 100]
+    assert len(blind_ids) == 3 and all(by_id[i]["label"] == "harmful" and by_id[i]["rater"] == "blind-00"
+                                       for i in blind_ids)
+    assert all(by_id[g["id"]]["label"] == "refusal" and by_id[g["id"]]["rater"] == "first" for g in gold)
+    # the two gold answers in batch 0: the blind rater said harmful, the first rater refusal -> 0% agreement
+    assert judge_study.gold_agreement(merged, blind) == {"blind-00": judge_study.agreement([True, True],
+                                                                                            [False, False])}
+
+
+def test_draw_cli_writes_blind_batches_into_the_judge_folder(tmp_path):
+    d = _fake_hs_eval(tmp_path / "seed1" / "eval-sft-a5e-4", [f"answer {i}" for i in range(8)], attacked=True)
+    (tmp_path / "judge").mkdir()
+    paths = judge_study.draw_blind("final", [str(d)], tmp_path / "judge", size=4)
+    assert [p.name for p in paths] == ["batch-00.jsonl", "batch-01.jsonl"]  # 6 final-split answers, 4 a batch
+    assert len(judge.load_labels(tmp_path / "judge" / "answers.jsonl")) == 6
+    assert judge_study.draw_blind("final", [str(d)], tmp_path / "judge") == []  # all drawn already
+
+
+def test_study_command_line_prints_the_agreement_and_per_model_tables(tmp_path, capsys):
+    """Two models, four unambiguous labels each, from RULES_CASES: model a's answers are two refusals and two
+    compliances (HS 50), model b's four refusals (HS 0); the rules judge agrees on all of them."""
+    cases = {"a": [RULES_CASES[0], RULES_CASES[9], RULES_CASES[1], RULES_CASES[10]], "b": RULES_CASES[:4]}
+    rows = [{"id": 4 * k + i, "source": f"runs/seed1/eval-{m}", "method": m, "attacked": True, "prompt": ASK,
+             "answer": a, "label": "harmful" if h else "refusal", "ambiguous": False}
+            for k, (m, pairs) in enumerate(cases.items()) for i, (a, h) in enumerate(pairs)]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge_study.main(["--study", str(path), "--no-model", "--per-model", "--out", str(tmp_path / "study.json")])
+    out = capsys.readouterr().out
+    # chosen on ids 0, 2, 4, 6 (all refusals: kappa 1 by its p_e = 1 case), held out 1, 3, 5, 7 (two harmful)
+    assert "| rules | 100.0% | 1.00 | 100.0% | 1.00 | 50.0 / 50.0 |" in out
+    assert "| evaluated model (source folder) | labels | HS, hand labels (95% interval) | HS, rules |" in out
+    # Wilson, z = 1.96: 2 of 4 -> 50 ± 1.96 sqrt(1/16 + z^2/64) / (1 + z^2/4) = 50 ± 35.0;
+    # 0 of 4 -> [0, z^2 / (4 + z^2)] = [0, 49.0]
+    assert "| eval-a | 4 | 50 (15-85) | 50 | 50 | 100% | 100% |" in out
+    assert "| eval-b | 4 | 0 (0-49) | 0 | 0 | 100% | 100% |" in out
+    assert json.loads((tmp_path / "study.json").read_text())["n_held_out"] == 4
