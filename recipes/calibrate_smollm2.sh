@@ -11,9 +11,18 @@ OUT=${OUT:-runs/calib}
 SEED=${SEED:-1}
 LABEL_BY=${LABEL_BY:-run}  # row names: the run key (vaccine-r3), or "method" (vaccine) for the main table
 N_FA=${N_FA:-100}        # SST-2 validation rows for FA; the main table (recipes/cpu_smollm2.sh) uses 200
+# Precision of every stage: every run in results/cpu_smollm2/ is fp32 (the default here). PRECISION=bf16 is the
+# CPU speed-up of issue 21 (bf16 weights and matmuls, fp32 LoRA master weights, LoRA math in bf16), whose
+# agreement with fp32 is measured in docs/BENCHMARKS.md.
+PRECISION=${PRECISION:-fp32}
+case $PRECISION in
+  fp32) TRAIN_PRECISION="--dtype fp32"; EVAL_PRECISION="--dtype fp32" ;;
+  bf16) TRAIN_PRECISION="--dtype bf16 --lora-math model"; EVAL_PRECISION="--dtype bf16" ;;
+  *) echo "PRECISION must be fp32 or bf16 (got $PRECISION)" >&2; exit 2 ;;
+esac
 
 COMMON_ALIGN="--data-dir $DATA --max-len 128 --batch-size 10 --n-align 200 --n-harmful 100
-              --refresh-every 10 --resample-every 2 --save-every 20 --no-progress --seed $SEED"
+              --refresh-every 10 --resample-every 2 --save-every 20 --no-progress --seed $SEED $TRAIN_PRECISION"
 declare -A ALIGN=(
   [sft]="--method sft --epochs 2"
   [vaccine-r3]="--method vaccine --rho 3 --epochs 2"
@@ -34,7 +43,7 @@ declare -A ALIGN=(
   [tar-on-sft]="--method tar --init-adapter $OUT/align-sft/adapter --epochs 2"  # TAR from the SFT-aligned model
 )
 COMMON_ATTACK="--data-dir $DATA --max-len 128 --batch-size 10 --task sst2 --poison-ratio 0.1
-               --n-harmful-defender 100 --save-every 20 --no-progress --seed $SEED"
+               --n-harmful-defender 100 --save-every 20 --no-progress --seed $SEED $TRAIN_PRECISION"
 declare -A ATTACK=(
   [a1e-3]="--samples 200 --epochs 2 --lr 1e-3"           # the README's first regime: 40 steps
   [a2e-4]="--samples 400 --epochs 4 --lr 2e-4"           # gentler, longer: 160 steps
@@ -43,7 +52,7 @@ declare -A ATTACK=(
   [a5e-4-p0.2]="--samples 400 --epochs 4 --lr 5e-4 --poison-ratio 0.2"
 )
 EVAL="--data-dir $DATA --judge rules --n-hs 200 --max-new-tokens-hs 64 --n-fa $N_FA --max-new-tokens-fa 16
-      --batch-size 16 --no-progress --seed $SEED"
+      --batch-size 16 --no-progress --seed $SEED $EVAL_PRECISION"
 
 stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
 # a run folder holding a checkpoint continues from it; anything else starts over
