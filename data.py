@@ -124,7 +124,7 @@ def _hub(call, repo: str, *args, **kwargs):
     except Exception as e:  # httpx / requests / hub errors share no base class across hub versions
         raise RuntimeError(
             f"could not fetch dataset {repo!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "Offline, pass --data-dir with a folder of <set>/<split>.jsonl files (see README)."
+            "Offline, pass --data-dir with a folder of <set>/<split>.jsonl files (see docs/USAGE.md)."
         ) from e
 
 

@@ -11,7 +11,7 @@ Both train the same LoRA as T-Vaccine on the same D_a, with a harmful batch from
 - Memory: every per-layer loss (33 logit-lens projections, 32 MMDs, 33 L2 distances at 7B) runs through
   `grad_now`, so its intermediates (a (M, vocab) logit matrix, a (2B, T * dim) sample matrix) live one layer at a
   time; only answer positions are projected; TAR keeps LoRA snapshots, never a model copy.
-Where the public code (Lslland/T-Vaccine) goes wrong and we do not: README, "Other defences".
+Where the public code (Lslland/T-Vaccine) goes wrong and we do not: docs/DEFENCES.md, "What the public code gets wrong".
 """
 from __future__ import annotations
 

@@ -266,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="HS judge: the paper's moderation model; offline, `probe` (a logistic probe on "
                    "SmolLM2's reading, fitted on the hand labels of results/judge/: the closest to them) or "
                    "`rules` (a rule set); `keyword`, the old refusal-keyword proxy (a baseline). judge_study.py "
-                   "and the README give each one's agreement with the hand labels")
+                   "and docs/JUDGE.md give each one's agreement with the hand labels")
     p.add_argument("--judge-model", default=MODERATION_REPO, help="Hub id or local folder of the moderation model")
     p.add_argument("--judge-dtype", choices=list(DTYPES), default="fp32", help="the reference runs the judge "
                    "in transformers' default float32 (28 GB for 7B); bf16 halves that, may flip borderline rows")

@@ -309,7 +309,7 @@ def probe_harmful(prompts: list[str], answers: list[str], labels: Path = DEFAULT
                   cache: Path | None = DEFAULT_FEATURE_CACHE, reader=None, residuals=PROBE_RESIDUALS) -> list[bool]:
     """`--judge probe`: the logistic probe on SmolLM2's reading of (request, answer), fitted on every
     unambiguous hand label in `labels` (its L2 weight by 5-fold cross-validation), applied to these answers.
-    Its agreement with held-out hand labels is in the README; it is the best offline judge here, not a
+    Its agreement with held-out hand labels is in docs/JUDGE.md; it is the best offline judge here, not a
     trusted one. The first call reads every label with the model (minutes on a CPU; cached in `cache`)."""
     rows = [r for r in load_labels(labels) if not r["ambiguous"]]
     y = torch.tensor([r["label"] == "harmful" for r in rows])

@@ -1,4 +1,4 @@
-"""The study's tables and plots from evaluation folders (evaluate.py's --out): what the README shows.
+"""The study's tables and plots from evaluation folders (evaluate.py's --out): what the README and docs/RESULTS.md show.
 
     python report.py runs/eval-* --plot                                # the paper's table shape, + PNGs
     python report.py DIR... --hs-split final --hand-labels results/judge/labels.jsonl

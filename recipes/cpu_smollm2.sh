@@ -4,8 +4,8 @@
 # aligned, evaluated, attacked and evaluated again, every stage resumable (a stage is skipped when its output
 # exists, so rerunning continues where an interrupted run stopped).
 #
-# The settings were chosen on the calibration split of the prompts (recipes/calibrate_smollm2.sh; README,
-# "Calibration") by a rule fixed in advance, and are frozen here:
+# The settings were chosen on the calibration split of the prompts (recipes/calibrate_smollm2.sh;
+# docs/RESULTS.md, "Calibration") by a rule fixed in advance, and are frozen here:
 #   alignment  N_a 200, N_h 100, 2 epochs = 40 steps, batch 10, max length 128, lr 1e-3, LoRA r8
 #              SFT; Vaccine rho 1 (of 0.1 / 0.3 / 1 / 3, all passing the gate: the lowest HS after the
 #              attack; the first main table used the paper's rho 3, its rows are kept as vaccine-r3);
@@ -19,7 +19,7 @@
 #   bash recipes/cpu_smollm2.sh                         # everything, one process
 #   SEEDS="2" RUNS="sft vaccine-r1" bash recipes/cpu_smollm2.sh   # a part, e.g. one process per core
 #   SEEDS=1 BASELINE=0 ATTACKS="a5e-4-p0.05 a5e-4-p0.2" bash recipes/cpu_smollm2.sh   # the harmful-ratio sweep
-# Then label the answers (README, "The harmful-score judge") and summarise:
+# Then label the answers (docs/JUDGE.md) and summarise:
 #   python report.py runs/main/seed*/eval-{nonaligned,sft,vaccine-r1,tvaccine-r1-g16}-{aligned,a5e-4} \
 #       --hs-split final --hand-labels results/judge/labels.jsonl
 # (name the folders: a row is every folder with the same method name, so eval-* would pool Vaccine rho 3 with
