@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import lora
+import model as model_py  # its CPU attention switch (gpu_attention); `model` names models below
 from model import ModelArgs
 from reference import (LLAMA2_7B, WITH_REF, build_ours, build_ref, make_batch, make_optimizer, ours_step,
                        random_state, ref_importance, ref_step, spread)
@@ -148,6 +149,18 @@ def gpu_dropout():
     finally:
         lora.lora_dropout = fast
 
+
+@contextlib.contextmanager
+def gpu_attention():
+    """bf16 attention in bf16 (the GPU's path) also for real CPU runs, which otherwise attend in fp32 (model._sdpa):
+    the CPU runs that validate the meta runs then hold the tensors a GPU holds, as with gpu_dropout."""
+    before = model_py.CPU_BF16_ATTENTION_IN_FP32
+    model_py.CPU_BF16_ATTENTION_IN_FP32 = False
+    try:
+        yield
+    finally:
+        model_py.CPU_BF16_ATTENTION_IN_FP32 = before
+
 # ----------------------------------------------------------------------------------------------------------------
 # Peak memory of a stack's steps
 
@@ -192,7 +205,7 @@ def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat1
         mark(None)
         return {**phases, "peak": max(phases.values()), "weights": weights}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with fused_sdpa_on_meta(), gpu_dropout(), LiveBytes() as mem:
+    with fused_sdpa_on_meta(), gpu_dropout(), gpu_attention(), LiveBytes() as mem:
         mem.track(*model.parameters(), *model.buffers())
         base = mem.now
         with without_profiler_notes(), prof if profile else contextlib.nullcontext():

@@ -205,6 +205,9 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+CPU_BF16_ATTENTION_IN_FP32 = True  # see _sdpa; memtrack.gpu_attention turns it off to run the GPU's path
+
+
 def _sdpa(q, k, v, mask, scale, gqa: bool):
     """Scaled dot-product attention; mask None means "plainly causal", which lets SDPA pick its fused kernels.
 
@@ -212,7 +215,7 @@ def _sdpa(q, k, v, mask, scale, gqa: bool):
     (SmolLM2 shapes, measured; the matmuls around it are what bf16 speeds up), and fp32 scores are also the
     more exact ones. GPUs keep their bf16 kernels."""
     out_dtype = q.dtype
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if CPU_BF16_ATTENTION_IN_FP32 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                        enable_gqa=gqa)
