@@ -40,6 +40,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 import defences
 import lora
+import quant
 from data import format_prompt
 from lora import TARGETS, apply_lora, lora_parameters, set_trainable_layers
 from model import ModelArgs, Transformer, generate, load_model, rope_inv_freq, smollm2_gguf_path
@@ -192,14 +193,16 @@ def random_state(args_repr: str, device: str, dtype) -> dict:
     return {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
 
 
-def build_ours(args, device, dtype, checkpointing, state=None):
-    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model)."""
+def build_ours(args, device, dtype, checkpointing, state=None, quantize=None):
+    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model); quantize="nf4": an NF4 base."""
     with torch.device("meta"):
         model = Transformer(args, checkpointing=checkpointing).to(dtype)
     if str(device) != "meta":
         model.load_state_dict(state or random_state(repr(args), str(device), dtype), assign=True, strict=False)
     model.tie_weights()
     model.inv_freq = rope_inv_freq(args, device)
+    if quantize:
+        quant.quantize_model_(model)
     apply_lora(model, RANK, ALPHA, DROPOUT, lora_dtype=torch.float32)
     return model.train()
 
@@ -342,15 +345,17 @@ STACKS = {"ours": "ours, checkpointing (GPU default)", "ours-nockpt": "ours, no 
 
 
 def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat16, steps=2, profile=False,
-                importance=True, copy_weights=False):
+                importance=True, copy_weights=False, quantize=None):
     """{phase: peak bytes, "peak", "weights"} over `steps` full steps (step 0 starts with T-Vaccine's importance
     pass), weights included. cuda: max_memory_allocated; cpu/meta: LiveBytes (+ with profile=True on the CPU,
     "allocator": the CPU allocator's own peak). copy_weights: hold a copy of the base weights throughout (the
-    public TAR code's unused deep copy of the model)."""
+    public TAR code's unused deep copy of the model). quantize="nf4": our stack over an NF4 base."""
     ours = stack.startswith("ours")
-    model = (build_ours if ours else build_ref)(args, device, dtype, stack in ("ours", "ref-ckpt"))
+    model = build_ours(args, device, dtype, stack == "ours", quantize=quantize) if ours else \
+        build_ref(args, device, dtype, stack == "ref-ckpt")
     step, imp = (ours_step, layer_importance) if ours else (ref_step, ref_importance)
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) + \
+        sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith("inv_freq"))  # NF4
     params = [p for n, p in model.named_parameters() if "lora_" in n]
 
     def run(mark):
@@ -595,6 +600,9 @@ def section1(a):
               f"card): {'met' if tv['peak'] <= 15 * GiB else 'NOT met'} ({gib(tv['peak'])} GiB).\n")
     if {"repnoise", "tar"} & set(a.methods):
         memory_choices(a, dev, batch, harm)
+    if a.quantize:
+        from bench_nf4 import nf4_memory
+        nf4_memory(a, res)
     if dev != "meta":
         return
     depths = (2, 4, 8)
@@ -887,6 +895,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128, help="section 3: new tokens per row")
     p.add_argument("--gen-rounds", type=int, default=3, help="section 3: timed generations per side")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="section 1: also the 7B rows with an NF4 base "
+                   "(bench_nf4.py), checked against real CPU runs")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
