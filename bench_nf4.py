@@ -1,16 +1,21 @@
 """Memory of the NF4 base (`--quantize nf4`, quant.py): bench.py section 1's rows at 7B, and the loading peak.
 
-    python bench.py --sections 1 --methods sft,vaccine,tvaccine --gammas '' --quantize nf4   # 7B rows (via bench)
+    python bench_nf4.py memory         # the 7B rows, bf16 vs NF4 base (ours), after the tracker's validation
+    python bench.py --sections 1 --quantize nf4   # the same after section 1 (its bf16 rows reused)
     python bench_nf4.py loading        # peak host memory while loading a sharded checkpoint, dense vs NF4
+    python bench_nf4.py steptime --seq-len 128   # SmolLM2 step time on the CPU, bf16 vs NF4 base
 
 - `nf4_memory` (called by bench.section1 with --quantize nf4): the same tracker as section 1 (`bench.LiveBytes` on
   the `meta` device) over our stack with an NF4 base, first checked against real CPU runs of the same code (NF4
   weights quantised from random bf16 ones) and against the CPU allocator, and the tracked weight bytes against
   the NF4 layout's formula (uint8 codes + int8 scalers + fp32 factors and mean); then SFT, Vaccine and T-Vaccine
   at 7B next to the bf16 base's rows, and a fit over depth as section 1 does.
-- `loading`: writes a random Llama checkpoint (~340 MB bf16, 12 layers, several safetensors shards) and loads it
-  in a fresh process per mode through model.build_from_tensors; reports the growth of peak RSS (VmHWM) over the
-  RSS before loading. RSS also counts the pages of the shard being read (safetensors memory-maps its file).
+- `loading`: writes a random Llama checkpoint (~330 MiB bf16, 12 layers, 8 safetensors shards) and loads it in a
+  fresh process per mode through model.build_from_tensors, sampling /proc/self/status every millisecond. Two kinds
+  of resident memory: anonymous (what the process allocates: the model it keeps, the quantiser's scratch) and
+  file-backed (the checkpoint's pages: safetensors memory-maps each shard and hands out tensors that are views of
+  it, so a dense tensor kept as it is costs no copy, and the pages read stay resident while any tensor of that
+  shard is alive; clean page cache, which the kernel can drop and re-read).
 """
 from __future__ import annotations
 
@@ -125,6 +130,43 @@ def depth_fit(methods, batch, harm, full: dict) -> None:
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
+# Step time on the CPU
+
+
+def step_time(a) -> None:
+    """SmolLM2-135M, bf16 vs NF4 base (dequantised to bf16): SFT and T-Vaccine steps, interleaved, median."""
+    from lora import apply_lora, lora_parameters
+    from model import load_model
+    from tvaccine import layer_importance, sample_layers
+    path = str(bench.smollm2_gguf_path() or "smollm2-135m")
+    models = {}
+    for q in (None, "nf4"):
+        m, _ = load_model(path, dtype=torch.bfloat16, device="cpu", quantize=q)
+        torch.manual_seed(0)
+        apply_lora(m, bench.RANK, bench.ALPHA, bench.DROPOUT, lora_dtype=torch.float32)
+        models[q or "bf16"] = (m.train(), bench.make_optimizer(lora_parameters(m)))
+    L, V = m.args.n_layers, m.args.vocab_size
+    batch, harm = make_batch(a.batch, a.seq_len, V, 0), make_batch(a.batch, a.seq_len, V, 1)
+    P = layer_importance(models["bf16"][0], harm)
+    gen, times = torch.Generator().manual_seed(0), {}
+    for r in range(1 + a.rounds):  # round 0 warms up and is dropped
+        S = sample_layers(P, 16, gen)  # the recipe's gamma 16; the same S on both bases
+        for m_name in ("sft", "tvaccine"):
+            for base, (model, opt) in models.items():
+                t0 = time.perf_counter()
+                bench.ours_step(model, opt, m_name, batch, S if m_name == "tvaccine" else list(range(L)))
+                if r:
+                    times.setdefault((m_name, base), []).append(time.perf_counter() - t0)
+    print(f"## Step time on the CPU: SmolLM2-135M, bf16 base vs NF4 base\n\n{torch.get_num_threads()} threads, batch "
+          f"{a.batch} x {a.seq_len} right-padded, LoRA r8 fp32, no checkpointing; T-Vaccine gamma 16 (S drawn from "
+          f"P, the same on both bases). Median of {a.rounds} interleaved rounds after a warmup round.\n")
+    print("| method | bf16 base (s) | NF4 base (s) | NF4 / bf16 |\n|---|---|---|---|")
+    for m_name in ("sft", "tvaccine"):
+        b, n = (statistics.median(times[m_name, base]) for base in ("bf16", "nf4"))
+        print(f"| {m_name} | {b:.2f} | {n:.2f} | {n / b:.2f}x |")
+    print()
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading peak
 
 
@@ -168,26 +210,56 @@ def write_checkpoint(folder: Path, args: ModelArgs = LOADING_MODEL, seed: int = 
     return sum(t.nbytes for shard in shards for t in shard.values())
 
 
-def _status_kib(field: str) -> int:
+def _status() -> dict[str, int]:
+    """RssAnon and RssFile of this process, in bytes."""
+    fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+        key = line.split(":")[0]
+        if key in ("RssAnon", "RssFile"):
+            fields[key] = int(line.split()[1]) * 1024
+    return fields
+
+
+class PeakSampler:
+    """Peaks of RssAnon, RssFile and their sum, read every millisecond by a thread (torch ops release the GIL)."""
+
+    def __enter__(self):
+        import threading
+        self.before, self.peak, self.running = _status(), {"RssAnon": 0, "RssFile": 0, "total": 0}, True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while self.running:
+            s = _status()
+            s["total"] = s["RssAnon"] + s["RssFile"]
+            self.peak = {k: max(v, s[k]) for k, v in self.peak.items()}
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    def growth(self) -> dict[str, int]:
+        base = {**self.before, "total": self.before["RssAnon"] + self.before["RssFile"]}
+        return {k: v - base[k] for k, v in self.peak.items()}
 
 
 def load_once(folder: str, quantize: str | None) -> dict:
-    """In this (fresh) process: RSS before, peak RSS after, time and bytes of the loaded model."""
+    """In this (fresh) process: peak growth of anonymous / file-backed / total RSS, time, bytes of the model."""
     import weights
     from model import ModelArgs as Args, build_from_tensors
     source = Path(folder)
     args = Args.from_hf(weights.read_config(source))
-    before = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    model = build_from_tensors(args, weights.iter_tensors(weights.weight_files(source)), torch.bfloat16, "cpu",
-                               quantize=quantize)
-    seconds = time.perf_counter() - t0
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with PeakSampler() as sampler, bench.without_profiler_notes(), prof:
+        t0 = time.perf_counter()
+        model = build_from_tensors(args, weights.iter_tensors(weights.weight_files(source)), torch.bfloat16, "cpu",
+                                   quantize=quantize)
+        seconds = time.perf_counter() - t0
     held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
-    return {"rss_before": before * 1024, "peak_rss": _status_kib("VmHWM") * 1024, "seconds": seconds, "model": held}
+    return {**sampler.growth(), "torch": bench.allocator_peak(prof), "seconds": seconds, "model": held}
 
 
 def loading(threads: int | None) -> None:
@@ -197,29 +269,45 @@ def loading(threads: int | None) -> None:
         print(f"## Loading peak: a random Llama (dim {LOADING_MODEL.dim}, {LOADING_MODEL.n_layers} layers, vocab "
               f"{LOADING_MODEL.vocab_size}), {total / MiB:.0f} MiB of bf16 in {len(files)} safetensors shards of "
               f"<= {SHARD_BYTES // MiB} MiB\n")
-        print("Each mode in a fresh process (`model.build_from_tensors`, bf16 on the CPU); peak RSS (VmHWM) minus the "
-              "RSS just before loading.\n")
-        print("| base | model held after loading (MiB) | peak RSS growth while loading (MiB) | load time (s) |\n"
-              "|---|---|---|---|")
+        print("Each mode in a fresh process (`model.build_from_tensors`, bf16 on the CPU). Peak live tensor bytes: "
+              "torch's CPU allocations and frees (profiler), checkpoint tensors included; RSS: growth over the "
+              "resident memory just before loading, sampled every millisecond.\n")
+        print("| base | model held after loading (MiB) | peak live tensor bytes (MiB) | peak RSS anonymous (MiB) | "
+              "peak RSS file-backed (MiB) | load time (s) |\n|---|---|---|---|---|---|")
         for quantize in (None, "nf4"):
             env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
             out = subprocess.run([sys.executable, __file__, "_load", tmp, quantize or "none"], capture_output=True,
                                  text=True, check=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {quantize or 'bf16'} | {r['model'] / MiB:.0f} | {(r['peak_rss'] - r['rss_before']) / MiB:.0f} | "
-                  f"{r['seconds']:.1f} |")
+            print(f"| {quantize or 'bf16'} | {r['model'] / MiB:.0f} | {r['torch'] / MiB:.0f} | {r['RssAnon'] / MiB:.0f} "
+                  f"| {r['RssFile'] / MiB:.0f} | {r['seconds']:.1f} |")
         print()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["loading", "_load"], help="loading: the loading-peak table")
+    p.add_argument("what", choices=["memory", "loading", "steptime", "_load"], help="memory: the 7B rows; "
+                   "loading: the loading-peak table; steptime: SmolLM2 steps on the CPU, bf16 vs NF4")
+    p.add_argument("--rounds", type=int, default=3, help="steptime: timed rounds")
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="memory: cuda = max_memory_allocated")
+    p.add_argument("--methods", default=",".join(METHODS), help="memory: of " + ", ".join(METHODS))
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=200, help="memory: 200 (the paper); steptime: use 128 (the recipe)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.what == "_load":  # the child process of `loading`
         folder, quantize = a.rest
         print(json.dumps(load_once(folder, None if quantize == "none" else quantize)))
+    elif a.what == "memory":
+        a.methods = a.methods.split(",")
+        t0 = time.perf_counter()
+        nf4_memory(a, {})
+        print(f"Time: {(time.perf_counter() - t0) / 60:.1f} min.")
+    elif a.what == "steptime":
+        step_time(a)
     else:
         loading(a.threads)
 

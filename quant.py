@@ -40,7 +40,7 @@ BLOCK, SCALER_BLOCK = 64, 256
 # the spacing of the levels, >= 0.08). Kept identical so that the codes match torchao's bit for bit.
 NF4_LEVELS = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
               0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
-CHUNK = 1 << 20  # values matched against the 16 levels at once: a (CHUNK, 16) difference, 32-64 MiB
+CHUNK = 1 << 18  # values matched against the 16 levels at once: (CHUNK, 16) differences, 8-16 MiB of scratch
 _LAYER_WEIGHT = re.compile(rf"layers\.\d+\.(self_attn|mlp)\.({'|'.join(TARGETS)})\.weight")
 
 
@@ -79,7 +79,7 @@ def _double_quantize(absmax: torch.Tensor):
     # A group of 256 equal absmaxes has gmax 0 (torchao then divides by 0): any finite factor gives codes 0.
     factor = torch.where(gmax > 0, 256 / (2 * gmax), torch.ones_like(gmax))
     codes = (groups * factor[:, None]).round().clamp(-128, 127).to(torch.int8)
-    return codes.flatten()[:absmax.numel()], factor.float(), mean.float()
+    return codes.flatten()[:absmax.numel()].clone(), factor.float(), mean.float()  # clone: no padding kept
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +103,9 @@ def dequantize_nf4(q: dict[str, torch.Tensor], shape, dtype: torch.dtype) -> tor
     """The dense weight of `q` in `dtype` (the dtype it was quantised in gives torchao's values bit for bit)."""
     packed = q["packed"]
     levels = torch.tensor(NF4_LEVELS, dtype=dtype, device=packed.device)
-    # byte b -> (level[b >> 4], level[b & 15]): one lookup yields both values of a byte, in order
-    pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
+    # byte b = 16 * hi + lo -> (level[hi], level[lo]): one lookup yields both values of a byte, in order. (Expanded
+    # views, not repeat_interleave, whose CPU kernel allocates index tensors that meta does not: bench.py's tracker.)
+    pairs = torch.stack([levels[:, None].expand(16, 16), levels[None, :].expand(16, 16)], dim=-1).view(256, 2)
     values = pairs.index_select(0, packed.int()).view(-1, BLOCK)  # int32 indices: half the bytes of int64
     return values.mul_(_block_scales(q, dtype)[:, None]).view(shape)
 
@@ -167,8 +168,9 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> "NF4Linear":
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
-        for name, t in quantize_nf4(w).items():
-            setattr(layer, name, t)
+        if not w.is_meta:  # meta (bench.py's tracker) has no values: the buffers' shapes are all there is
+            for name, t in quantize_nf4(w, "weight").items():
+                setattr(layer, name, t)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
@@ -229,8 +231,13 @@ def is_layer_weight(key: str) -> bool:
 
 
 def quantize_weight(key: str, tensor: torch.Tensor):
-    """For model.build_from_tensors: a layer weight -> its NF4 bytes (a dict); anything else unchanged."""
-    return quantize_nf4(tensor, key) if is_layer_weight(key) else tensor
+    """For model.build_from_tensors: a layer weight -> its NF4 bytes (a dict); anything else kept dense.
+
+    On the CPU a checkpoint tensor may be a view of the shard's memory map (safetensors); one kept as it is would
+    keep the whole shard mapped, with every page read to quantise the others resident. A copy lets the map go."""
+    if is_layer_weight(key):
+        return quantize_nf4(tensor, key)
+    return tensor.clone() if tensor.device.type == "cpu" else tensor
 
 
 def install(model, state: dict, dtype: torch.dtype):
