@@ -46,7 +46,7 @@ from lora import apply_lora, disable_lora, lora_parameters
 from memtrack import GiB, MiB, STACKS, gib, memory_validation, peak_memory
 from model import ModelArgs, Transformer, load_model, smollm2_gguf_path
 from reference import (ALPHA, DROPOUT, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, METHODS, RANK, TAR, WITH_REF, build_hf,
-                       build_ours, build_ref, generation_times, make_batch, make_optimizer, ours_step,
+                       build_ours, build_ref, generation_times, lora_shapes, make_batch, make_optimizer, ours_step,
                        cpu_name, public_repnoise_terms, ref_importance, ref_step, spread, timed,
                        uniform_layers)
 from tvaccine import layer_importance, sample_layers
@@ -154,6 +154,9 @@ def section1(a):
               f"card): {'met' if tv['peak'] <= 15 * GiB else 'NOT met'} ({gib(tv['peak'])} GiB).\n")
     if {"repnoise", "tar"} & set(a.methods):
         memory_choices(a, dev, batch, harm)
+    if a.quantize:
+        from bench_nf4 import nf4_memory
+        nf4_memory(a, res)
     if dev != "meta":
         return
     depths = (2, 4, 8)
@@ -464,15 +467,6 @@ def section4(a):
     print()
 
 
-def lora_shapes(args: ModelArgs) -> list[tuple[int, int]]:
-    """(in, out) of every adapted linear (q, k, v, o, gate, up, down of every layer)."""
-    kv = args.n_kv_heads * args.head_dim
-    q = args.n_heads * args.head_dim
-    per_layer = [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim),
-                 (args.dim, args.hidden_dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
-    return per_layer * args.n_layers
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -494,6 +488,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=128, help="section 3: new tokens per row")
     p.add_argument("--gen-rounds", type=int, default=3, help="section 3: timed generations per side")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="section 1: also the 7B rows with an NF4 base "
+                   "(bench_nf4.py), checked against real CPU runs")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

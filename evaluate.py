@@ -78,11 +78,14 @@ def load_evaluated_model(args):
     """Base model, then the aligned adapter merged, then the attacked adapter merged (the attack's order)."""
     from lora import load_adapter, merge_and_unload
     from model import load_model
+    from quant import warn_if_base_differs
     import dist
     from trainer import DTYPES
-    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=dist.device(args.device))
+    model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype), device=dist.device(args.device),
+                                  quantize=args.quantize)
     for adapter in (args.aligned, args.attacked):
         if adapter:
+            warn_if_base_differs(adapter, args.quantize, "adapter")
             load_adapter(model, adapter)
             merge_and_unload(model)
     return model.eval(), tokenizer
@@ -223,6 +226,9 @@ def merge_and_export(args) -> Path:
     from safetensors.torch import save_file
     check_adapters(args)
     model, _ = load_evaluated_model(args)
+    if args.quantize:  # a plain checkpoint holds dense weights: dequantised, the adapters added in fp32
+        from quant import dequantize_model_
+        dequantize_model_(model)
     source, out = Path(model.source), Path(args.merge_and_export)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(weights.read_gguf(source)[0] if source.suffix == ".gguf" else weights.read_config(source))
@@ -281,6 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="recorded with the results (decoding is greedy)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="nf4: the base in 4 bits, as the adapters "
+                   "were trained with tvaccine.py / attack.py --quantize nf4 (docs/NF4.md)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument("--merge-and-export", metavar="DIR", help="write base + adapters as a plain HF checkpoint")
     p.add_argument("--rejudge", nargs="+", metavar="DIR", help="judge these evaluation folders' saved answers "

@@ -8,6 +8,8 @@
   precomputed per-layer index: T-Vaccine resamples its layers every step, so this must be cheap.
 - `merge_lora` folds `alpha/r * B @ A` into the base weights (idempotent); `merge_and_unload` also puts plain
   `nn.Linear`s back, so a fresh adapter can be stacked on the merged model (the attack stage).
+- An NF4 base (quant.NF4Linear, `--quantize nf4`) is wrapped the same way, but never merged into: that would
+  re-quantise it. `merge_and_unload` keeps each adapter as a frozen term of its NF4Linear instead (quant.py).
 - `disable_lora`: a context manager that gives the base model's outputs.
 - `save_adapter` / `load_adapter` speak PEFT's format (adapter_config.json + adapter_model.safetensors with
   `base_model.model.model.layers...` keys), loading strictly: every tensor used, every factor filled.
@@ -58,10 +60,14 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, lora_dtype=None,
                  math_in_input_dtype: bool = False):
         super().__init__()
-        self.weight, self.bias = base.weight, base.bias  # the base's own Parameters: no copy, same keys
+        # A plain base lends its Parameters (no copy, same keys); a quantised one (quant.NF4Linear) is kept whole:
+        # it computes x W^T + b itself.
+        self.base = None if isinstance(base, nn.Linear) else base
+        self.weight, self.bias = (base.weight, base.bias) if self.base is None else (None, None)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        kw = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        like = base.weight if self.base is None else base  # a tensor, or NF4Linear's device / dtype properties
+        kw = dict(bias=False, device=like.device, dtype=lora_dtype or like.dtype)
         self.lora_A = nn.Linear(self.in_features, rank, **kw)
         self.lora_B = nn.Linear(rank, self.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT, so B A starts at exactly zero
@@ -75,7 +81,7 @@ class LoRALinear(nn.Module):
         self.disabled = False  # base model only (disable_lora)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         if self.merged or self.disabled:
             return y
         a = lora_dropout(x, self.dropout, self.training)
@@ -89,13 +95,16 @@ class LoRALinear(nn.Module):
     def merge(self):
         if self.merged:
             return
+        if self.base is not None:
+            raise ValueError("the base weights are NF4: merging the adapter into them would re-quantise them; "
+                             "merge_and_unload keeps it as a frozen term of the NF4 layer instead")
         delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))  # one rounding, not two
         self.merged = True
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, "
-                f"bias={self.bias is not None}, merged={self.merged}")
+                f"bias={(self.base or self).bias is not None}, merged={self.merged}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,13 +213,19 @@ def merge_lora(model):
 
 
 def merge_and_unload(model):
-    """Merge, then put plain nn.Linears (holding the merged Parameters) back: the model has no LoRA left."""
-    merge_lora(model)
+    """Merge, then put plain nn.Linears (holding the merged Parameters) back: the model has no LoRA left.
+    NF4 base layers come back as themselves, each holding its adapter as a frozen term (quant.py): exact."""
+    for m in lora_modules(model):
+        if m.base is None:
+            m.merge()
     for l, mods in _index(model).items():
         for part in ("self_attn", "mlp"):
             parent = getattr(model.layers[l], part)
             for name, child in list(parent.named_children()):
-                if isinstance(child, LoRALinear):
+                if isinstance(child, LoRALinear) and child.base is not None:
+                    child.base.freeze_adapter(child)
+                    setattr(parent, name, child.base)
+                elif isinstance(child, LoRALinear):
                     with torch.device("meta"):  # the Parameters below replace these at once: allocate nothing
                         plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                     plain.weight, plain.bias = child.weight, child.bias

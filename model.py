@@ -559,8 +559,10 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | None = None, device=None, checkpointing: bool = False):
-    """Return (model, tokenizer) from an alias, a local HF folder, a `.gguf` file or a Hub repo id."""
+def load_model(name_or_path: str, dtype: torch.dtype | None = None, device=None, checkpointing: bool = False,
+               quantize: str | None = None):
+    """Return (model, tokenizer) from an alias, a local HF folder, a `.gguf` file or a Hub repo id.
+    quantize="nf4": the layers' linear weights in 4 bits (quant.py), quantised as they are read."""
     import weights
     from tokenizer import load_tokenizer, tokenizer_from_gguf
 
@@ -579,7 +581,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None, device=None,
         args = ModelArgs.from_hf(config)
     except (KeyError, ValueError) as e:
         raise weights.CheckpointError(f"{source}: config.json is not usable: {e!r}") from e
-    model = build_from_tensors(args, tensors, dtype, device, str(source), checkpointing=checkpointing)
+    model = build_from_tensors(args, tensors, dtype, device, str(source), checkpointing=checkpointing,
+                               quantize=quantize)
     model.source = str(source)
     return model, tok
 
@@ -611,9 +614,13 @@ def resolve_source(name_or_path: str) -> Path:
 
 
 def build_from_tensors(args: ModelArgs, tensors, dtype, device, source: str = "checkpoint",
-                       checkpointing: bool = False) -> Transformer:
-    """Build on the meta device and assign each checkpoint tensor once, with strict accounting."""
+                       checkpointing: bool = False, quantize: str | None = None) -> Transformer:
+    """Build on the meta device and assign each checkpoint tensor once, with strict accounting.
+    quantize="nf4": each layer weight is quantised as soon as it is read, so no more than one is ever dense."""
+    import quant
     import weights
+
+    quant.check_method(quantize)
 
     with torch.device("meta"):
         model = Transformer(args, checkpointing=checkpointing)
@@ -631,6 +638,9 @@ def build_from_tensors(args: ModelArgs, tensors, dtype, device, source: str = "c
             wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key])}")
         else:
             state[key] = tensor.to(device=device, dtype=dtype)
+            if quantize:
+                state[key] = quant.quantize_weight(key, state[key])
+        del tensor  # the next one is read while this one could still be alive otherwise
     missing = sorted(k if k == "lm_head.weight" else f"model.{k}" for k in set(expected) - set(state))
     if missing or unexpected or wrong_shape:
         raise weights.CheckpointError(
@@ -639,6 +649,8 @@ def build_from_tensors(args: ModelArgs, tensors, dtype, device, source: str = "c
             + _listing("wrong shape", wrong_shape))
     if args.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    if quantize:
+        quant.install(model, state, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True replaced the shared Parameter: tie again
     model.inv_freq = rope_inv_freq(args, device)  # buffers are not in checkpoints; meta holds no values

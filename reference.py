@@ -54,14 +54,18 @@ def random_state(args_repr: str, device: str, dtype) -> dict:
     return {k: v for k, v in model.state_dict().items() if k != "inv_freq"}
 
 
-def build_ours(args, device, dtype, checkpointing, state=None, dropout=DROPOUT, lora=True):
-    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model); lora=False: the bare model."""
+def build_ours(args, device, dtype, checkpointing, state=None, dropout=DROPOUT, lora=True, quantize=None):
+    """Our Transformer + LoRA with fp32 factors (as trainer.prepare_model); lora=False: the bare model;
+    quantize="nf4": an NF4 base (quant.py)."""
     with torch.device("meta"):
         model = Transformer(args, checkpointing=checkpointing).to(dtype)
     if str(device) != "meta":
         model.load_state_dict(state or random_state(repr(args), str(device), dtype), assign=True, strict=False)
     model.tie_weights()
     model.inv_freq = rope_inv_freq(args, device)
+    if quantize:
+        import quant
+        quant.quantize_model_(model)
     if lora:
         apply_lora(model, RANK, ALPHA, dropout, lora_dtype=torch.float32)
     return model.train()
@@ -297,3 +301,12 @@ def generation_times(model, hf, tok, prompts: list[str], new: int, rounds: int) 
     ts = [(timed(ours), timed(transformers)) for _ in range(rounds)]
     o, h = (statistics.median(x) for x in zip(*ts))
     return {"ours_s": o, "hf_s": h, "shortest": min(map(len, enc)), "longest": T}
+
+
+def lora_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(in, out) of every adapted linear (q, k, v, o, gate, up, down of every layer)."""
+    kv = args.n_kv_heads * args.head_dim
+    q = args.n_heads * args.head_dim
+    per_layer = [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim),
+                 (args.dim, args.hidden_dim), (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    return per_layer * args.n_layers

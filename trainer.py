@@ -353,6 +353,8 @@ def add_common_args(p: argparse.ArgumentParser, lr: float):
                    "matmuls: fp32 (PEFT's way) or the model's --dtype (bf16 math over fp32 master weights: faster on "
                    "CPUs; the CPU recipes' setting, docs/BENCHMARKS.md)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="nf4: the base's layer weights in 4 bits "
+                   "(QLoRA's NF4), dequantised to --dtype layer by layer; LoRA unchanged (docs/NF4.md)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing (default: on for GPU, off for CPU)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end)")
@@ -405,6 +407,9 @@ def check_common_args(args):
     if args.save_every < 0:
         raise ValueError(f"--save-every must be >= 0 (got {args.save_every})")
     warn_if_emulated_bf16(args.dtype, args.device)
+    if getattr(args, "quantize", None) and args.fsdp:
+        raise ValueError("--quantize nf4 with --fsdp is not supported (FSDP shards dense weights); a 7B model "
+                         "in NF4 fits one GPU: run without --fsdp")
     if args.fsdp and not dist.initialized():
         raise ValueError("--fsdp shards the weights over torchrun's processes: launch with "
                          "torchrun --nproc_per_node N ...")
@@ -431,11 +436,14 @@ def prepare_model(args, adapter_to_merge: str | None = None):
     # FSDP: the whole model is built in host memory, then each rank moves only its shard to its GPU.
     fsdp = getattr(args, "fsdp", False)  # flags this function reads are the ones it needs; --fsdp is optional
     load_device = torch.device("cpu") if fsdp else device
+    quantize = getattr(args, "quantize", None)
     model, tokenizer = load_model(args.model, dtype=DTYPES.get(args.dtype) or default_dtype(device),
-                                  device=load_device, checkpointing=checkpointing)
+                                  device=load_device, checkpointing=checkpointing, quantize=quantize)
     if adapter_to_merge:
+        from quant import warn_if_base_differs
+        warn_if_base_differs(adapter_to_merge, quantize, "the adapter to merge")
         load_adapter(model, adapter_to_merge, lora_dtype=torch.float32)  # merge in fp32, round once
-        merge_and_unload(model)
+        merge_and_unload(model)  # an NF4 base keeps the adapter as a frozen term: no re-quantisation
     apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                lora_dtype=torch.float32,  # fp32 adapters over bf16 weights: AdamW updates do not round away
                math_in_input_dtype=getattr(args, "lora_math", "fp32") == "model")
