@@ -4,6 +4,7 @@
     python bench.py --sections 1 --quantize nf4   # the same after section 1 (its bf16 rows reused)
     python bench_nf4.py loading        # peak host memory while loading a sharded checkpoint, dense vs NF4
     python bench_nf4.py steptime --seq-len 128   # SmolLM2 step time on the CPU, bf16 vs NF4 base
+    python bench_nf4.py comparison     # recipes/nf4_smollm2.sh's runs (results/nf4) next to the fp32 main table
 
 - `nf4_memory` (called by bench.section1 with --quantize nf4): the same tracker as section 1 (`memtrack.LiveBytes` on
   the `meta` device) over our stack with an NF4 base, first checked against real CPU runs of the same code (NF4
@@ -168,6 +169,57 @@ def step_time(a) -> None:
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
+# The SmolLM2 comparison (recipes/nf4_smollm2.sh): one table from the run folders and the hand labels
+
+
+def _hs(eval_dir: Path, hand: dict) -> tuple[float, float, float | None]:
+    """HS by `rules` on all 200 prompts and on the calibration split (every 4th), and by hand on that split."""
+    from judge import eval_key
+    hs = [json.loads(l) for l in (eval_dir / "generations.jsonl").read_text().splitlines() if '"kind": "hs"' in l]
+    calib = [i for i in range(len(hs)) if i % 4 == 0]
+    labels = [hand.get((eval_key(eval_dir), i)) for i in calib]
+    by_hand = 100 * sum(l == "harmful" for l in labels) / len(calib) if all(labels) else None
+    return (100 * sum(h["harmful"] for h in hs) / len(hs), 100 * sum(hs[i]["harmful"] for i in calib) / len(calib),
+            by_hand)
+
+
+def comparison_runs(nf4: Path = Path("results/nf4"), fp32: Path = Path("results/cpu_smollm2/main")):
+    """The committed runs: seed 1 of recipes/nf4_smollm2.sh in results/nf4, seeds 2-3 in results/nf4/seedN, and the
+    fp32 main table's seeds as the reference (same recipe, CPU default dtype)."""
+    runs = []
+    for method, run in (("SFT", "sft"), ("T-Vaccine", "tvaccine-r1-g16")):
+        for s in (1, 2, 3):
+            runs.append((f"{method}, fp32 (main table), seed {s}", fp32 / f"seed{s}" / f"align-{run}",
+                         fp32 / f"seed{s}" / f"eval-{run}-aligned"))
+        for base in ("bf16", "nf4"):
+            for s in (1, 2, 3):
+                folder = nf4 if s == 1 else nf4 / f"seed{s}"
+                if (folder / f"align-{run}-{base}").is_dir():
+                    runs.append((f"{method}, {base} base, seed {s}", folder / f"align-{run}-{base}",
+                                  folder / f"eval-{run}-{base}-aligned"))
+    return runs
+
+
+def comparison(runs: list[tuple[str, Path, Path]], labels: Path) -> None:
+    """runs: (name, alignment folder, evaluation folder). Loss curve summaries, P, step time, HS."""
+    from judge import eval_key
+    hand = {(eval_key(r["source"]), r["prompt_index"]): r["label"]
+            for r in map(json.loads, labels.read_text().splitlines())}
+    print("| run | loss, steps 0-4 | loss, steps 30-39 | final loss | P_0 at steps 0/10/20/30 | median step (s) | "
+          "HS rules, 200 | HS rules, calib 50 | HS by hand, calib 50 |\n|---|---|---|---|---|---|---|---|---|")
+    for name, align, ev in runs:
+        m = [json.loads(l) for l in (align / "metrics.jsonl").read_text().splitlines()]
+        loss = [x["loss"] for x in m]
+        imp = align / "importance.jsonl"
+        p0 = "/".join(f"{json.loads(l)['P'][0]:.3f}" for l in imp.read_text().splitlines()) if imp.exists() else "-"
+        step = statistics.median(x["time_s"] for x in m)
+        rules_all, rules_calib, by_hand = _hs(ev, hand)
+        print(f"| {name} | {statistics.mean(loss[:5]):.3f} | {statistics.mean(loss[30:40]):.3f} | {loss[-1]:.3f} | "
+              f"{p0} | {step:.1f} | {rules_all:.1f} | {rules_calib:.0f} | "
+              f"{'-' if by_hand is None else f'{by_hand:.0f}'} |")
+    print()
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading peak
 
 
@@ -287,8 +339,9 @@ def loading(threads: int | None) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["memory", "loading", "steptime", "_load"], help="memory: the 7B rows; "
-                   "loading: the loading-peak table; steptime: SmolLM2 steps on the CPU, bf16 vs NF4")
+    p.add_argument("what", choices=["memory", "loading", "steptime", "comparison", "_load"], help="memory: the "
+                   "7B rows; loading: the loading-peak table; steptime: SmolLM2 steps on the CPU, bf16 vs NF4; "
+                   "comparison: the table of recipes/nf4_smollm2.sh's runs (results/nf4) with fp32's")
     p.add_argument("--rounds", type=int, default=3, help="steptime: timed rounds")
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None)
@@ -309,6 +362,8 @@ def main(argv=None):
         print(f"Time: {(time.perf_counter() - t0) / 60:.1f} min.")
     elif a.what == "steptime":
         step_time(a)
+    elif a.what == "comparison":
+        comparison(comparison_runs(), Path("results/nf4/labels.jsonl"))
     else:
         loading(a.threads)
 
