@@ -281,6 +281,23 @@ def hs_prompts(test_rows: list[dict], n: int = 500) -> list[str]:
     return _take(distinct, n, "distinct unsafe prompts")
 
 
+def prompt_file(path: str | Path, n: int, exclude: set[str] = frozenset()) -> list[str]:
+    """The first n distinct prompts of a JSONL file with a `prompt` field per line (e.g. the AdvBench or
+    Do-Not-Answer copies in ../shared/data/harmful_prompts/), skipping those in `exclude` (e.g. D_a's prompts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file (a JSONL file with a 'prompt' field per line)")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
+                raise ValueError(f"{path}, line {number}: no 'prompt' field")
+            prompts.append(row["prompt"].strip())
+    distinct = [p for p in dict.fromkeys(prompts) if p not in exclude]
+    return _take(distinct, n, f"distinct prompts in {path.name}" + (" outside the excluded set" if exclude else ""))
+
+
 HS_SPLITS = ("all", "calib", "final")
 
 

@@ -176,13 +176,25 @@ def provenance(args) -> dict:
             "aligned_run": aligned.get("run"), "seed": args.seed, "peak_memory_gib": memory}
 
 
+def load_hs_prompts(args) -> list[str]:
+    """The test split's unsafe prompts (the paper's HS set), or --hs-prompts' file without D_a's prompts."""
+    import data
+    if args.hs_prompts is None:
+        return data.hs_prompts(data.load_safety("test", args.data_dir), args.n_hs)
+    exclude = set()
+    if args.hs_exclude_align:  # prompts the aligned models were taught to refuse are not new to them
+        exclude = {r["instruction"].strip() for r in data.alignment_set(data.load_safety("train", args.data_dir),
+                                                                     args.hs_exclude_align)}
+    return data.prompt_file(args.hs_prompts, args.n_hs, exclude)
+
+
 def evaluate(args) -> dict:
     import data
     from trainer import atomic_write_text
     t0 = time.perf_counter()
     check_adapters(args)
     judge_folder = resolve_judge(args.judge_model) if args.judge == "beaver-dam" else None  # fail early
-    hs_prompts = data.hs_prompts(data.load_safety("test", args.data_dir), args.n_hs)
+    hs_prompts = load_hs_prompts(args)
     fa = [] if args.task == "none" else data.fa_set(
         args.task, data.LOADERS[args.task](data.FA_SPLIT[args.task], args.data_dir), args.n_fa)
     hs_answers, fa_answers = answer_all(args, hs_prompts, fa)
@@ -277,6 +289,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--judge-dtype", choices=list(DTYPES), default="fp32", help="the reference runs the judge "
                    "in transformers' default float32 (28 GB for 7B); bf16 halves that, may flip borderline rows")
     p.add_argument("--n-hs", type=int, default=500, help="HS prompts (distinct unsafe prompts of the test split)")
+    p.add_argument("--hs-prompts", default=None, metavar="FILE", help="HS prompts from this JSONL file ('prompt' "
+                   "per line, e.g. ../shared/data/harmful_prompts/advbench.jsonl) instead of the test split")
+    p.add_argument("--hs-exclude-align", type=int, default=0, metavar="N_A", help="with --hs-prompts: skip the "
+                   "prompts of D_a for tvaccine.py --n-align N_A (the aligned model was trained on them)")
     p.add_argument("--n-fa", type=int, default=500, help="FA examples (first rows of the task's eval split)")
     p.add_argument("--batch-size", type=int, default=16, help="generation and judge batch size")
     p.add_argument("--max-new-tokens-hs", type=int, default=128)

@@ -418,3 +418,30 @@ def test_batches_resume(stop):
     assert seen + rest == uninterrupted
     with pytest.raises(ValueError, match="examples"):
         data.Batches(_examples(12), 4, 0).load_state_dict(state)
+
+
+def test_prompt_file_distinct_first_n_and_exclusion(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a "}\n{"prompt": "b"}\n\n{"prompt": "a"}\n{"prompt": "c"}\n{"prompt": "d"}\n')
+    assert data.prompt_file(f, 3) == ["a", "b", "c"]  # stripped, distinct, first-seen order, blank lines skipped
+    assert data.prompt_file(f, 2, exclude={"a", "c"}) == ["b", "d"]
+    with pytest.raises(ValueError, match="only 2 exist"):
+        data.prompt_file(f, 3, exclude={"a", "c"})
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: no 'prompt' field"):
+        data.prompt_file(tmp_path / "bad.jsonl", 1)
+    with pytest.raises(FileNotFoundError):
+        data.prompt_file(tmp_path / "missing.jsonl", 1)
+
+
+@needs_shared
+def test_hs_exclude_align_skips_the_alignment_prompts():
+    import evaluate
+    args = evaluate.parse_args(["--data-dir", str(SHARED), "--hs-prompts",
+                                str(SHARED / "harmful_prompts/advbench.jsonl"), "--n-hs", "100",
+                                "--hs-exclude-align", "200", "--task", "none", "--judge", "rules"])
+    prompts = evaluate.load_hs_prompts(args)
+    d_a = {r["instruction"].strip() for r in data.alignment_set(data.load_safety("train", SHARED), 200)}
+    assert len(prompts) == 100 and not set(prompts) & d_a
+    everything = [json.loads(l)["prompt"].strip() for l in (SHARED / "harmful_prompts/advbench.jsonl").open()]
+    assert prompts == [p for p in everything if p not in d_a][:100]  # the file's order, D_a's prompts skipped
