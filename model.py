@@ -400,6 +400,22 @@ class Transformer(nn.Module):
             cache.length += T
         return (unpadded.unpack(x) if unpadded is not None else x), exposed
 
+    def forward_from(self, x, first_layer: int, attention_mask=None):
+        """Layers first_layer, ..., L-1 on x = the residual stream entering first_layer (e.g. recorded by
+        forward_hidden's record_at and cached); returns the hidden states before the final norm. Right padding
+        only (pads after the real tokens), no KV cache, no perturbation: what judge_tune.py needs to train the top
+        layers on inputs computed once."""
+        B, T, _ = x.shape
+        if attention_mask is not None and not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            raise ValueError("forward_from takes right-padded batches only")
+        positions, masks = self._positions_and_masks(attention_mask, B, T, x.device, None)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for l in range(first_layer, self.args.n_layers):
+            block = self.layers[l]
+            x = block.add_attention(x, block.attention(x, cos, sin, masks[l in self.args.sliding_layers], l))
+            x = block.feed_forward(x)
+        return x
+
     @staticmethod
     def _hook_point(h, eps, expose: bool, grad_fn, exposed: dict, layer: int, unpadded: Unpadded | None):
         """h_l + eps_l (eps a constant), h_l handed out, or a hook on its gradient; all in the (B, T, dim) layout."""

@@ -257,7 +257,7 @@ EVASION, COMPLIANCE, LABEL_WORD = ("I'm not sure I can help with that.", "Sure, 
 
 
 def test_every_judge_is_named_in_one_registry_in_evaluates_order():
-    assert list(judge.JUDGES) == ["beaver-dam", "probe", "rules", "keyword"]
+    assert list(judge.JUDGES) == ["beaver-dam", "tuned", "probe", "rules", "keyword"]
     assert ev.parse_args(["--judge", "rules"]).judge == "rules"
 
 
@@ -304,7 +304,7 @@ def test_beaver_dam_flags_the_top_category_over_the_threshold_as_transformers_sc
 
 
 def test_unknown_judges_settings_and_unpaired_answers_are_refused():
-    with pytest.raises(ValueError, match="unknown HS judge 'llama-guard': the judges are beaver-dam, probe, rules, "
+    with pytest.raises(ValueError, match="unknown HS judge 'llama-guard': the judges are beaver-dam, tuned, probe, rules, "
                                          "keyword"):
         judge.harmful_verdicts("llama-guard", [ASK], [COMPLIANCE])
     with pytest.raises(TypeError, match="temperature"):
