@@ -92,13 +92,15 @@ def split_halves(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 # Drawing answers to label
 
 
-def draw_answers(eval_dirs: list[str], per_run: int | None, out: Path, seed: int = 0, split: str = "all") -> int:
+def draw_answers(eval_dirs: list[str], per_run: int | None, out: Path, seed: int = 0, split: str = "all",
+                 first_id: int = 0) -> int:
     """Append HS answers of each evaluation folder to `out`, ids continuing the file's: `per_run` of them (a
     seeded random draw) or, with per_run None, every one, among the prompts of `split` (data.in_split)
-    that were not drawn from that folder before."""
+    that were not drawn from that folder before. Ids start at first_id (another folder's answers take ids
+    that cannot meet results/judge's, whose first-rater answers are hidden in every blind batch)."""
     import random
     rows = load_labels(out) if out.exists() else []
-    next_id = len(rows)
+    next_id = max([first_id] + [r["id"] + 1 for r in rows])
     seen = {(eval_key(r["source"]), r["prompt_index"]) for r in rows}
     added = []
     for d in map(Path, eval_dirs):
@@ -113,6 +115,7 @@ def draw_answers(eval_dirs: list[str], per_run: int | None, out: Path, seed: int
                           "attacked": bool(results.get("adapters", {}).get("attacked")), "prompt_index": i,
                           "prompt": hs[i]["prompt"], "answer": hs[i]["answer"]})
             next_id += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in added)
     return len(added)
@@ -176,7 +179,8 @@ def read_hand_labels(path: Path) -> dict[int, tuple[str, bool]]:
 def merge_labels(answers: Path, hand: Path, out: Path, blind: Path | None = None) -> list[dict]:
     """answers.jsonl + hand_labels.txt (the first rater) [+ the blind batches' labels of answers the first
     rater did not label] -> labels.jsonl (each labelled answer with its label and rater)."""
-    labels = {i: (label, amb, "first") for i, (label, amb) in read_hand_labels(hand).items()}
+    first = read_hand_labels(hand) if hand.exists() else {}  # another prompt set's folder has blind labels only
+    labels = {i: (label, amb, "first") for i, (label, amb) in first.items()}
     if blind is not None:
         labels.update({i: v for i, v in read_blind_labels(blind).items() if i not in labels})
     rows = []
@@ -277,14 +281,19 @@ def study_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+OTHER_FIRST_ID = 100_000  # answer ids of a --judge-dir other than results/judge start here
+
+
 def draw_blind(split: str, eval_dirs: list[str], judge_dir: Path = JUDGE_DIR, size: int = 165) -> list[Path]:
-    """`--draw`: every not-yet-drawn answer of `split` of each evaluation folder -> answers.jsonl, and blind
-    batches of them (with 15 hidden first-rater answers each) in judge_dir/blind, for a rater to label."""
+    """`--draw`: every not-yet-drawn answer of `split` of each evaluation folder -> judge_dir/answers.jsonl, and
+    blind batches of them (with 15 hidden first-rater answers of results/judge each) in judge_dir/blind, for a
+    rater to label. A judge_dir other than results/judge keeps answers apart (e.g. another prompt set, which the
+    tuned judge must never be trained on)."""
     answers = judge_dir / "answers.jsonl"
     before = len(load_labels(answers)) if answers.exists() else 0
-    draw_answers(eval_dirs, None, answers, split=split)
+    draw_answers(eval_dirs, None, answers, split=split, first_id=0 if judge_dir == JUDGE_DIR else OTHER_FIRST_ID)
     rows = load_labels(answers)[before:]
-    labels = judge_dir / "labels.jsonl"
+    labels = JUDGE_DIR / "labels.jsonl"
     gold = [r for r in (load_labels(labels) if labels.exists() else [])
             if not r["ambiguous"] and r.get("rater", "first") == "first"]
     return write_blind_batches(rows, gold, judge_dir / "blind", size=size, seed=before) if rows else []
@@ -307,19 +316,23 @@ def main(argv=None):
                    "batch-NN.labels.txt")
     p.add_argument("--merge", action="store_true", help="rebuild results/judge/labels.jsonl from hand_labels.txt "
                    "and the blind batches' labels, and print each batch's agreement on its hidden answers")
+    p.add_argument("--judge-dir", type=Path, default=JUDGE_DIR, help="--draw/--merge: where answers, blind batches "
+                   "and labels live (default results/judge; another folder keeps another prompt set apart)")
     args = p.parse_args(argv)
+    judge_dir = args.judge_dir.resolve()
     if args.draw:
         if len(args.draw) < 2:
             p.error("--draw SPLIT DIR [DIR ...]")
-        paths = draw_blind(args.draw[0], args.draw[1:])
+        paths = draw_blind(args.draw[0], args.draw[1:], judge_dir)
         print(f"[judge] {len(paths)} blind batches: " + ", ".join(str(path) for path in paths))
         return paths or True
     if args.merge:
-        rows = merge_labels(JUDGE_DIR / "answers.jsonl", JUDGE_DIR / "hand_labels.txt", JUDGE_DIR / "labels.jsonl",
-                            JUDGE_DIR / "blind")
-        for batch, stats in gold_agreement(rows, JUDGE_DIR / "blind").items():
+        rows = merge_labels(judge_dir / "answers.jsonl", judge_dir / "hand_labels.txt", judge_dir / "labels.jsonl",
+                            judge_dir / "blind")
+        first = rows if judge_dir == JUDGE_DIR else load_labels(JUDGE_DIR / "labels.jsonl")
+        for batch, stats in gold_agreement(first, judge_dir / "blind").items():
             print(f"[judge] {batch}: {100 * stats['agreement']:.0f}% agreement on {stats['n']} hidden answers")
-        print(f"[judge] {len(rows)} labels in {JUDGE_DIR / 'labels.jsonl'}")
+        print(f"[judge] {len(rows)} labels in {judge_dir / 'labels.jsonl'}")
         return rows
     if not args.study:
         p.error("nothing to do: pass --study LABELS, --draw SPLIT DIR..., or --merge")

@@ -116,3 +116,29 @@ def test_study_command_line_prints_the_agreement_and_per_model_tables(tmp_path, 
     assert "| eval-a | 4 | 50 (15-85) | 50 | 50 | 100% | 100% |" in out
     assert "| eval-b | 4 | 0 (0-49) | 0 | 0 | 100% | 100% |" in out
     assert json.loads((tmp_path / "study.json").read_text())["n_held_out"] == 4
+
+
+def test_another_prompt_sets_folder_keeps_its_own_ids_and_hides_the_first_raters_answers(tmp_path, monkeypatch):
+    """--judge-dir: answers of another prompt set live apart (the tuned judge is never trained on them), with
+    ids from OTHER_FIRST_ID so that the first rater's answers of results/judge, hidden in each batch as gold,
+    cannot be mistaken for them; --merge there needs no hand_labels.txt."""
+    main_dir, other = tmp_path / "judge", tmp_path / "other"
+    main_dir.mkdir()
+    gold = [{"id": i, "source": "runs/s/eval-x", "prompt": f"g{i}", "answer": f"gold {i}", "label": "harmful",
+             "ambiguous": False, "rater": "first"} for i in range(3)]
+    (main_dir / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gold))
+    monkeypatch.setattr(judge_study, "JUDGE_DIR", main_dir)
+    d = _fake_hs_eval(tmp_path / "adv" / "eval-sft-advbench", [f"answer {i}" for i in range(4)], attacked=True)
+    paths = judge_study.main(["--draw", "all", str(d), "--judge-dir", str(other)])
+    assert [p.name for p in paths] == ["batch-00.jsonl"]
+    key = json.loads((other / "blind" / "key-00.json").read_text())
+    assert sorted(key.values()) == [0, 1, 2, 100_000, 100_001, 100_002, 100_003]  # 3 gold + the 4 new answers
+    items = [json.loads(l) for l in paths[0].read_text().splitlines()]
+    # the rater calls every answer harmful except "answer 1" and the gold "gold 2"
+    lines = [f"{it['item']} {'r' if it['answer'] in ('answer 1', 'gold 2') else 'h'}" for it in items]
+    (other / "blind" / "batch-00.labels.txt").write_text("\n".join(lines) + "\n")
+    rows = judge_study.main(["--merge", "--judge-dir", str(other)])
+    assert [(r["id"], r["label"]) for r in rows] == [(100_000, "harmful"), (100_001, "refusal"),
+                                                      (100_002, "harmful"), (100_003, "harmful")]
+    assert judge_study.gold_agreement(gold, other / "blind")["blind-00"]["agreement"] == pytest.approx(2 / 3)
+    assert not (main_dir / "answers.jsonl").exists()  # nothing written into the main folder
