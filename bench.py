@@ -2,7 +2,8 @@
 
 1. Peak memory of alignment at 7B (Llama-2-7B architecture, random bf16 weights, batch 10 x 200, LoRA r8 in fp32 with
    AdamW state, 2 full steps, T-Vaccine's importance pass included): ours with / without checkpointing and the
-   reference stack, for SFT, Vaccine, T-Vaccine and the other defences (RepNoise, TAR: ours only), and what each of
+   reference stack, for SFT, Vaccine, T-Vaccine (also with --freeze attention, the authors' freezing rule: ours; the
+   reference stack always freezes that way) and the other defences (RepNoise, TAR: ours only), and what each of
    RepNoise's / TAR's memory choices saves against the public code's way. `--device cuda`:
    torch.cuda.max_memory_allocated. CPU: live tensor bytes, counted op by op by a
    TorchDispatchMode (`LiveBytes`: each storage from the op that makes it until it is freed; parameters, gradients
@@ -53,7 +54,8 @@ from tvaccine import layer_importance, sample_layers
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames that peft still calls
 MID = ModelArgs(vocab_size=32000, dim=1024, n_layers=8, n_heads=16, hidden_dim=2816)
-PAPER = {"sft": "-", "vaccine": "more than T-Vaccine", "tvaccine": "~23.5 GB", "repnoise": "~45 GB", "tar": "~45 GB"}
+PAPER = {"sft": "-", "vaccine": "more than T-Vaccine", "tvaccine": "~23.5 GB", "repnoise": "~45 GB", "tar": "~45 GB",
+         "tvaccine, --freeze attention": "-"}
 AUTHOR_REF = {"sft": 9.1, "vaccine": 18.8, "tvaccine": 16.9}  # the issue author's reference stack, SmolLM2, s
 TARGET = {"sft": 0.9, "tvaccine": 0.8}  # ours / reference step time
 
@@ -105,6 +107,21 @@ def memory_choices(a, dev, batch, harm):
     print()
 
 
+def freeze_note(dev, batch):
+    """T-Vaccine's step at 7B (checkpointing, no importance pass) under both --freeze rules, S holding layer 0 and
+    a uniform S: with S above layer 0, --freeze attention runs pass 2's graph from layer 0 where layers does not."""
+    L = LLAMA2_7B.n_layers
+    cells = []
+    for S in (spread(L, 8), uniform_layers(L, 8)):
+        p = [peak_memory("ours", LLAMA2_7B, "tvaccine", dev, S, batch, batch, steps=1, importance=False,
+                         freeze=f)["peak"] for f in ("layers", "attention")]
+        cells.append(f"S = {S}: {gib(p[0])} GiB with `--freeze layers`, {gib(p[1])} GiB with `attention` "
+                     f"({'+' if p[1] >= p[0] else ''}{gib(p[1] - p[0])})")
+    print("T-Vaccine's step alone (checkpointing, no importance pass), by freezing rule: " + "; ".join(cells) +
+          ". The reference stack freezes the public code's way (attention LoRA only): its T-Vaccine row is that "
+          "rule.\n")
+
+
 def section1(a):
     dev, L = ("meta" if a.device == "cpu" else a.device), LLAMA2_7B.n_layers
     batch, harm = make_batch(a.batch, a.seq_len, 32000, 0, False), make_batch(a.batch, a.seq_len, 32000, 1, False)
@@ -136,9 +153,16 @@ def section1(a):
             except torch.cuda.OutOfMemoryError:  # a GPU smaller than this stack needs
                 res[m, st] = {"peak": None}
                 torch.cuda.empty_cache()
+    rows = list(a.methods)
+    if "tvaccine" in a.methods:  # the authors' freezing rule: the MLP LoRA of every layer trains (pass 2 from 0)
+        attn = "tvaccine, --freeze attention"
+        rows.append(attn)
+        for st in STACKS:  # the reference stack freezes this way already: its T-Vaccine run above
+            res[attn, st] = res["tvaccine", st] if st.startswith("ref") else peak_memory(
+                st, LLAMA2_7B, "tvaccine", dev, spread(L, 8), batch, harm, freeze="attention")
     print("| method | " + " | ".join(f"{v} (GiB)" for v in STACKS.values()) + " | paper, 7B |")
     print("|---|" + "---|" * (len(STACKS) + 1))
-    for m in a.methods:
+    for m in rows:
         print(f"| {m} | " + " | ".join(gib(res[m, st]["peak"]) if res[m, st]["peak"] else
                                        "-" if res[m, st].get("absent") else "out of memory"
                                        for st in STACKS) + f" | {PAPER[m]} |")
@@ -152,6 +176,8 @@ def section1(a):
         print(f"\nThe bf16 weights alone: {gib(tv['weights'])} GiB. Ours, T-Vaccine: importance pass "
               f"{gib(tv['importance'])} GiB, the step {gib(tv['step'])} GiB. Target T-Vaccine <= 15 GiB (a 16 GB "
               f"card): {'met' if tv['peak'] <= 15 * GiB else 'NOT met'} ({gib(tv['peak'])} GiB).\n")
+    if tv["peak"]:
+        freeze_note(dev, batch)
     if {"repnoise", "tar"} & set(a.methods):
         memory_choices(a, dev, batch, harm)
     if a.quantize:

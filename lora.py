@@ -4,8 +4,9 @@
   checkpoint keys do not move: `layers.0.self_attn.q_proj.weight` next to `...q_proj.lora_A.weight`.
 - `apply_lora` swaps the target linears of every (or chosen) layer and freezes the whole base model;
   the LoRA factors may live in a wider dtype than the base (`lora_dtype=torch.float32` over a bf16 model).
-- `set_trainable_layers` turns gradients on for the LoRA factors of exactly the chosen layers, from a
-  precomputed per-layer index: T-Vaccine resamples its layers every step, so this must be cheap.
+- `set_trainable_layers` turns gradients on for the LoRA factors of exactly the chosen layers (or, with
+  freeze="attention", for the MLP LoRA of every layer too), from a precomputed per-layer index: T-Vaccine
+  resamples its layers every step, so this must be cheap.
 - `merge_lora` folds `alpha/r * B @ A` into the base weights (idempotent); `merge_and_unload` also puts plain
   `nn.Linear`s back, so a fresh adapter can be stacked on the merged model (the attack stage).
 - An NF4 base (quant.NF4Linear, `--quantize nf4`) is wrapped the same way, but never merged into: that would
@@ -183,13 +184,24 @@ def lora_parameters(model, layers: Iterable[int] | None = None) -> list[nn.Param
     return [p for l in _selected(model, layers) for m in index[l] for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def set_trainable_layers(model, layers: Iterable[int] | None):
-    """requires_grad on the LoRA factors of exactly `layers` (attention and MLP alike); None = all layers."""
+FREEZE_RULES = ("layers", "attention")
+
+
+def set_trainable_layers(model, layers: Iterable[int] | None, freeze: str = "layers"):
+    """requires_grad on the LoRA factors of `layers` (None = all layers), and what else `freeze` leaves on.
+
+    freeze="layers" (the paper): the other layers' LoRA is frozen, attention and MLP alike.
+    freeze="attention" (the authors' public code): only the other layers' attention LoRA (q, k, v, o) is frozen;
+    the MLP LoRA (gate, up, down) of every layer stays trainable."""
+    if freeze not in FREEZE_RULES:
+        raise ValueError(f"unknown freeze rule {freeze!r}; choose one of {', '.join(FREEZE_RULES)}")
     chosen = set(_selected(model, layers))
+    targets = model.lora_config["target_modules"]  # the order of each layer's modules in the index
     for l, mods in _index(model).items():
-        for m in mods:
-            m.lora_A.weight.requires_grad_(l in chosen)
-            m.lora_B.weight.requires_grad_(l in chosen)
+        for t, m in zip(targets, mods):
+            on = l in chosen or (freeze == "attention" and TARGETS[t] == "mlp")
+            m.lora_A.weight.requires_grad_(on)
+            m.lora_B.weight.requires_grad_(on)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -170,15 +171,18 @@ STACKS = {"ours": "ours, checkpointing (GPU default)", "ours-nockpt": "ours, no 
 
 
 def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat16, steps=2, profile=False,
-                importance=True, copy_weights=False, quantize=None):
+                importance=True, copy_weights=False, quantize=None, freeze="layers"):
     """{phase: peak bytes, "peak", "weights"} over `steps` full steps (step 0 starts with T-Vaccine's importance
     pass), weights included. cuda: max_memory_allocated; cpu/meta: LiveBytes (+ with profile=True on the CPU,
     "allocator": the CPU allocator's own peak). copy_weights: hold a copy of the base weights throughout (the
-    public TAR code's unused deep copy of the model). quantize="nf4": our stack over an NF4 base."""
+    public TAR code's unused deep copy of the model). quantize="nf4": our stack over an NF4 base. freeze: ours,
+    T-Vaccine's --freeze (the reference stack always freezes the public code's way: attention LoRA only)."""
     ours = stack.startswith("ours")
     model = build_ours(args, device, dtype, stack == "ours", quantize=quantize) if ours else \
         build_ref(args, device, dtype, stack == "ref-ckpt")
     step, imp = (ours_step, layer_importance) if ours else (ref_step, ref_importance)
+    if ours:
+        step = functools.partial(ours_step, freeze=freeze)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) + \
         sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith("inv_freq"))  # NF4
     params = [p for n, p in model.named_parameters() if "lora_" in n]

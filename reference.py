@@ -135,9 +135,10 @@ def finish(opt):
     opt.zero_grad(set_to_none=True)
 
 
-def ours_step(model, opt, method, batch, S, harm=None):
+def ours_step(model, opt, method, batch, S, harm=None, freeze="layers"):
     """One full step as tvaccine.AlignmentMethod / defences.DefenceMethod + trainer.train run it (the importance
-    pass apart). RepNoise and TAR use `harm` as every harmful batch they draw (TAR: K attack batches + 1)."""
+    pass apart). RepNoise and TAR use `harm` as every harmful batch they draw (TAR: K attack batches + 1).
+    freeze: T-Vaccine's --freeze ("attention": the MLP LoRA of every layer trains, the public code's rule)."""
     if method == "repnoise":
         set_trainable_layers(model, None)
         defences.repnoise_step(model, batch, harm, **REPNOISE)
@@ -149,8 +150,8 @@ def ours_step(model, opt, method, batch, S, harm=None):
         set_trainable_layers(model, None)
         sft_step(model, batch)
     else:
-        set_trainable_layers(model, S)
-        perturbed_step(model, batch, S, RHO)
+        set_trainable_layers(model, S, freeze)
+        perturbed_step(model, batch, S, RHO, freeze)
     finish(opt)
 
 

@@ -34,6 +34,8 @@ import dist
 CHECKPOINT = "checkpoint.pt"
 # Keys that may differ between an interrupted run and its resumption.
 RESUME_FREE_KEYS = {"resume", "overwrite", "save_every", "progress"}
+# Flags added after runs were saved: a config.json without one was made with this value (the flag's default).
+ADDED_KEYS = {"freeze": "layers"}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The output folder
@@ -50,7 +52,7 @@ class RunDir:
             return
         previous = self.path / "config.json"
         if previous.exists():
-            old = json.loads(previous.read_text())
+            old = {**{k: v for k, v in ADDED_KEYS.items() if k in config}, **json.loads(previous.read_text())}
             if resume:
                 diff = sorted(k for k in set(old) | set(config)
                               if k not in RESUME_FREE_KEYS and old.get(k) != config.get(k))

@@ -10,8 +10,17 @@ The algorithm (SPEC section 6) is the first section below, top to bottom:
 - `sample_layers`: gamma distinct layers drawn without replacement with probabilities P (sorted).
 - `perturbed_step`: pass 1 gives dL/dh_l for the chosen layers; eps_l = rho * g_l / ||g||_global; pass 2
   trains the chosen layers' LoRA with h_l + eps_l (eps constant). Vaccine = all layers; SFT = no perturbation.
+- Freezing (`--freeze`): `layers` (the paper, the default): only the LoRA of S trains, attention and MLP.
+  `attention`: the rule of the authors' public code (github.com/Lslland/T-Vaccine, trainer.py,
+  `BaseTrainer.unfreeze_activate_layers`: requires_grad goes off for the `lora` parameters of every attention
+  module that `get_leaf_modules_with_grad` collects, one per layer, and back on for those of S; the MLP's LoRA is
+  never touched, so get_peft_model's requires_grad=True stays on in every layer). Their perturbation is on the
+  attention outputs of S only, as here (`pre_first_step` / `pre_second_step`: backward and forward hooks on the
+  same attention modules). Their importance uses one harmful example (`BaseTrainer.get_dataloader`, batch size
+  1): `--harmful-batch-size 1`.
 - Memory: layers below min(S) run without a graph, the rest are checkpointed (flag), neither backward goes
-  below min(S), and pass 1 computes no weight gradients at all (autograd.grad on h only).
+  below min(S) (with `--freeze attention` pass 2's does: the MLP LoRA of layer 0 trains), and pass 1 computes
+  no weight gradients at all (autograd.grad on h only).
 - Under torchrun (dist.py) each rank holds the rows of its share of a batch; the losses are divided by the
   global batch's target count, and the norms that make P and eps are summed (squared) over the ranks, so every
   rank computes the single-process P, S and eps.
@@ -23,6 +32,7 @@ import argparse
 import torch
 
 import dist
+from lora import FREEZE_RULES
 from trainer import add_common_args, check_adapter_folder, check_common_args, cli
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,10 +78,13 @@ def perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     return [(rho * g.float() / (norm + 1e-7)).to(g.dtype).detach() for g in grads]
 
 
-def perturbed_step(model, batch: dict, layers: list[int], rho: float) -> tuple[float, float]:
-    """Vaccine's two passes restricted to `layers`; backward of pass 2 leaves the LoRA gradients of `layers`."""
+def perturbed_step(model, batch: dict, layers: list[int], rho: float, freeze: str = "layers") -> tuple[float, float]:
+    """Vaccine's two passes restricted to `layers`; backward of pass 2 leaves the gradients of the trainable LoRA
+    (lora.set_trainable_layers with the same `freeze`): of `layers` only, or with freeze="attention" the MLP LoRA
+    of every layer too."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    lowest = min(layers)  # nothing below it is trainable or needs a gradient
+    lowest = min(layers)  # pass 1 needs no gradient below it
+    train_from = lowest if freeze == "layers" else 0  # pass 2: the lowest layer with trainable LoRA
     # Pass 1: the gradient of the loss w.r.t. the attention outputs h_l only.
     x, h = model.forward_hidden(ids, mask, expose=layers, grad_from=lowest)
     loss1 = batch_loss(model, x, labels)
@@ -79,7 +92,7 @@ def perturbed_step(model, batch: dict, layers: list[int], rho: float) -> tuple[f
     eps = dict(zip(layers, perturbation(list(grads), rho)))
     del x, h, grads
     # Pass 2: the same batch with h_l + eps_l; the usual backward for the trainable LoRA weights.
-    x, _ = model.forward_hidden(ids, mask, perturb=eps, grad_from=lowest)
+    x, _ = model.forward_hidden(ids, mask, perturb=eps, grad_from=train_from)
     loss2 = batch_loss(model, x, labels)
     loss2.backward()
     return loss1.item(), loss2.item()
@@ -94,11 +107,12 @@ def sft_step(model, batch: dict) -> float:
 
 class AlignmentMethod:
     """What one alignment step does for `sft`, `vaccine` or `tvaccine`, with the state T-Vaccine carries
-    between steps (P, S, the sampler's generator, the harmful batches); saved in every checkpoint."""
+    between steps (P, S, the sampler's generator, the harmful batches); saved in every checkpoint.
+    freeze: T-Vaccine's rule for the LoRA outside S (lora.set_trainable_layers)."""
 
     def __init__(self, model, method: str, rho: float, gamma: int, refresh_every: int, resample_every: int,
-                 harmful_batches=None, seed: int = 0, log=None):
-        self.model, self.method, self.rho, self.gamma = model, method, rho, gamma
+                 harmful_batches=None, seed: int = 0, log=None, freeze: str = "layers"):
+        self.model, self.method, self.rho, self.gamma, self.freeze = model, method, rho, gamma, freeze
         self.K, self.J = refresh_every, resample_every
         self.harmful_batches, self.log = harmful_batches, log or (lambda *a: None)
         self.generator = torch.Generator().manual_seed(seed)
@@ -115,8 +129,8 @@ class AlignmentMethod:
                 self.log("importance.jsonl", {"step": step, "P": self.P.tolist()})
             if step % self.J == 0:
                 self.S = sample_layers(self.P, self.gamma, self.generator)
-            set_trainable_layers(self.model, self.S)
-        loss1, loss2 = perturbed_step(self.model, batch, self.S, self.rho)
+            set_trainable_layers(self.model, self.S, self.freeze)
+        loss1, loss2 = perturbed_step(self.model, batch, self.S, self.rho, self.freeze)
         return {"loss": loss2, "loss_pass1": loss1, "layers": self.S}
 
     def _harmful_batch(self, device) -> dict:
@@ -149,6 +163,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=8, help="layers perturbed and trained per step (T-Vaccine)")
     p.add_argument("--refresh-every", type=int, default=200, help="K: steps between layer-importance refreshes")
     p.add_argument("--resample-every", type=int, default=20, help="J: steps between layer resamples")
+    p.add_argument("--freeze", choices=FREEZE_RULES, default="layers", help="T-Vaccine: the LoRA frozen outside "
+                   "the sampled layers S. layers: all of it, attention and MLP (the paper); attention: the attention "
+                   "LoRA (q,k,v,o) only, the MLP LoRA of every layer trains every step (the authors' code; with "
+                   "--harmful-batch-size 1, their importance from one harmful example, T-Vaccine as their code runs "
+                   "it). The perturbation is on S's attention outputs either way")
     p.add_argument("--harmful-batch-size", type=int, default=10, help="D_h batch: T-Vaccine's importance "
                    "(reference: 1), RepNoise's x_h, TAR's attacker and tamper batches")
     p.add_argument("--n-align", type=int, default=2000, help="N_a: safe (prompt, refusal) pairs, D_a")
@@ -177,6 +196,9 @@ def check_args(args):
         # its own optimizer: neither is split over ranks here, and a per-rank version would be another method.
         raise ValueError(f"--method {args.method} runs in one process only; data parallelism (torchrun) "
                          "supports sft, vaccine and tvaccine")
+    if args.freeze != "layers" and args.method != "tvaccine":
+        raise ValueError(f"--freeze {args.freeze} is T-Vaccine's (--method tvaccine); {args.method} has no sampled "
+                         "layers to freeze around")
     if args.rho < 0:
         raise ValueError(f"--rho must be >= 0 (got {args.rho})")
     for name in ("gamma", "refresh_every", "resample_every", "harmful_batch_size", "n_align", "n_harmful",
@@ -220,7 +242,7 @@ def make_method(args, model, harmful, log):
                              inner_steps=args.tar_inner_steps, inner_lr=args.tar_inner_lr,
                              tr_every=args.tar_tamper_every, tr_weight=args.tar_weight)
     return AlignmentMethod(model, args.method, args.rho, args.gamma, args.refresh_every, args.resample_every,
-                           harmful, seed=args.seed, log=log)
+                           harmful, seed=args.seed, log=log, freeze=args.freeze)
 
 
 def main(argv=None):

@@ -61,6 +61,20 @@ def test_meta_run_reproduces_the_real_cpu_peak(one_thread, stack, method):
         assert set(real) >= {"importance", "step"}
 
 
+def test_freeze_attention_keeps_the_graph_below_min_s_and_meta_still_matches(one_thread):
+    """S = [1, 2]: with --freeze attention, layer 0's MLP LoRA trains, so pass 2 keeps layer 0's activations
+    (no checkpointing): a higher step peak than --freeze layers, and meta still equals the real CPU run."""
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, hidden_dim=96)
+    batch, harm = make_batch(3, 24, 256, 0), make_batch(3, 24, 256, 1)
+    peaks = {}
+    for freeze in ("layers", "attention"):
+        real, meta = (peak_memory("ours-nockpt", args, "tvaccine", d, [1, 2], batch, harm, torch.float32, steps=1,
+                                  importance=False, freeze=freeze)["peak"] for d in ("cpu", "meta"))
+        assert meta == real
+        peaks[freeze] = real
+    assert peaks["attention"] > peaks["layers"]
+
+
 def test_profiler_notes_are_kept_out_of_the_output_and_other_stderr_lines_are_not(capfd):
     import os
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)

@@ -1,7 +1,8 @@
 """Data parallelism (torchrun, gloo, 2 CPU processes) against the single-process run it must reproduce.
 
-One torchrun launch (tests/dist_worker.py) runs SFT, Vaccine and T-Vaccine alignment, a T-Vaccine run
-interrupted by a Ctrl-C that reaches one rank only and then resumed, T-Vaccine with --fsdp, the attack, the
+One torchrun launch (tests/dist_worker.py) runs SFT, Vaccine and T-Vaccine alignment (the latter also with
+--freeze attention), a T-Vaccine run interrupted by a Ctrl-C that reaches one rank only and then resumed,
+T-Vaccine with --fsdp (both freezing rules), the attack, the
 evaluation, and runs that must be refused (RepNoise, TAR, batches that do not split); the same stages run here in
 one process. Tiny random Llama, LoRA dropout 0, global batch 4 (2 rows per rank), 14 alignment
 examples so that each epoch ends with a batch of 2 (1 row per rank), and answers of different lengths so that the
@@ -40,6 +41,8 @@ ATTACK = ["--task", "sst2", "--samples", "12", "--poison-ratio", "0.25", "--n-ha
 EVAL = ["--task", "sst2", "--judge", "keyword", "--n-hs", "6", "--n-fa", "5", "--batch-size", "2",
         "--max-new-tokens-hs", "6", "--max-new-tokens-fa", "4", "--no-progress"]
 METHODS = ("sft", "vaccine", "tvaccine")
+ALIGNMENTS = {**{m: ["--method", m] for m in METHODS},
+              "tvaccine-attn": ["--method", "tvaccine", "--freeze", "attention"]}
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -65,7 +68,8 @@ def write_data(folder: Path) -> Path:
 def stage_args(model, data, root: Path) -> list[tuple[str, str, list[str]]]:
     """(name, stage, argv) of every stage, writing under root."""
     common = ["--model", str(model), "--data-dir", str(data)]
-    runs = [(m, "tvaccine", common + ALIGN + ["--method", m, "--out", str(root / m)]) for m in METHODS]
+    runs = [(name, "tvaccine", common + ALIGN + flags + ["--out", str(root / name)])
+            for name, flags in ALIGNMENTS.items()]
     runs.append(("attack", "attack", common + ATTACK + ["--aligned", str(root / "tvaccine" / "adapter"),
                                                         "--out", str(root / "attack")]))
     # The base model: adapters trained here and there differ by float rounding, which could flip a greedy token.
@@ -88,7 +92,9 @@ def runs(tmp_path_factory):
     spec += [{"stage": "tvaccine", "argv": cut, "interrupt": [1, 3]},  # Ctrl-C on rank 1 in step 3
              {"stage": "tvaccine", "argv": cut + ["--resume"]},
              {"stage": "tvaccine", "argv": common + ALIGN + ["--method", "tvaccine", "--fsdp",
-                                                            "--out", str(tmp / "dp" / "fsdp")]}]
+                                                            "--out", str(tmp / "dp" / "fsdp")]},
+             {"stage": "tvaccine", "argv": common + ALIGN + ALIGNMENTS["tvaccine-attn"] + [
+                 "--fsdp", "--out", str(tmp / "dp" / "fsdp-attn")]}]
     spec += [{"stage": "tvaccine", "refused": True, "argv": common + ALIGN + extra + ["--out", str(tmp / "dp" / name)]}
              for name, extra in (("repnoise", ["--method", "repnoise"]), ("tar", ["--method", "tar"]),
                                  ("odd", ["--method", "sft", "--batch-size", "3"]),
@@ -129,7 +135,7 @@ def assert_adapters_close(one: dict, dp: dict):
         assert diff <= ATOL and diff <= 1e-4 * largest, f"{k}: |one - dp| = {diff:.2e} (largest {largest:.2e})"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALIGNMENTS)
 def test_data_parallel_alignment_equals_one_process(runs, method):
     one, dp = runs["one"] / method, runs["dp"] / method
     assert_adapters_close(adapter(one), adapter(dp))
@@ -167,9 +173,11 @@ def test_ctrl_c_on_one_rank_then_resume_continues_exactly(runs):
     assert "interrupted after step 3" in runs["log"]
 
 
-def test_fsdp_tvaccine_equals_one_process(runs):
-    """The base weights sharded over the 2 ranks (FSDP2 on gloo), LoRA whole and data parallel."""
-    one, fsdp = runs["one"] / "tvaccine", runs["dp"] / "fsdp"
+@pytest.mark.parametrize("run, fsdp_run", [("tvaccine", "fsdp"), ("tvaccine-attn", "fsdp-attn")])
+def test_fsdp_tvaccine_equals_one_process(runs, run, fsdp_run):
+    """The base weights sharded over the 2 ranks (FSDP2 on gloo), LoRA whole and data parallel; with --freeze
+    attention pass 2's backward runs through every layer's FSDP units."""
+    one, fsdp = runs["one"] / run, runs["dp"] / fsdp_run
     assert_adapters_close(adapter(one), adapter(fsdp))
     assert [m["layers"] for m in metrics(fsdp)] == [m["layers"] for m in metrics(one)]
     assert json.loads((fsdp / "summary.json").read_text())["fsdp"] is True

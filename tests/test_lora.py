@@ -192,6 +192,22 @@ def test_set_trainable_layers_steps_only_the_chosen_layers(tiny_checkpoint):
     assert all(p.requires_grad for p in lora_parameters(model))
 
 
+@pytest.mark.parametrize("targets", [ALL, ["down_proj", "v_proj", "up_proj"]])
+def test_set_trainable_layers_attention_rule_keeps_every_mlp_lora_on(tiny_checkpoint, targets):
+    """freeze="attention": the chosen layers' LoRA, plus the MLP LoRA (gate, up, down) of every layer; read from
+    the parameter names, and with targets given out of order (the index holds them in canonical order)."""
+    folder, _ = tiny_checkpoint("llama")
+    model = apply_lora(load(folder), targets=targets)
+    set_trainable_layers(model, [1], freeze="attention")
+    on = {n for n, p in model.named_parameters() if p.requires_grad}
+    want = {n for n, _ in model.named_parameters() if ".lora_" in n and (n.startswith("layers.1.") or ".mlp." in n)}
+    assert on == want and any(".mlp." in n and not n.startswith("layers.1.") for n in on)
+    set_trainable_layers(model, [1], freeze="layers")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in want if n.startswith("layers.1.")}
+    with pytest.raises(ValueError, match="unknown freeze rule 'mlp'; choose one of layers, attention"):
+        set_trainable_layers(model, [1], freeze="mlp")
+
+
 def test_apply_to_some_layers_and_targets(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     model = apply_lora(load(folder), targets=["q_proj", "down_proj"], layers=[2])

@@ -120,13 +120,22 @@ def test_perturbation_has_global_norm_rho_and_no_history():
         assert cos.item() == pytest.approx(1.0, abs=1e-6)
 
 
+def trains_under(freeze: str, layers, name: str) -> bool:
+    """The freezing rule, written from the flag's definition: LoRA factor `name` (layers.<l>.<part>.<target>...)
+    trains with sampled layers `layers` (the authors' rule: an MLP factor trains in every layer)."""
+    return int(name.split(".")[1]) in layers or (freeze == "attention" and ".mlp." in name)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_tvaccine_step_matches_a_plain_reference_step(pair, checkpointing):
+@pytest.mark.parametrize("freeze", ["layers", "attention"])
+def test_tvaccine_step_matches_a_plain_reference_step(pair, checkpointing, freeze):
+    """S = [1, 3]: layer 0 lies below min(S), so with freeze="attention" its MLP LoRA gradient needs pass 2's
+    graph from layer 0, and layer 2's MLP LoRA trains though layer 2 is not sampled."""
     ours, ref = pair
     ours.checkpointing = checkpointing
     batch, layers, rho = make_batch(96, seed=3), [1, 3], 0.5
-    set_trainable_layers(ours, layers)
-    loss1, loss2 = perturbed_step(ours, batch, layers, rho)
+    set_trainable_layers(ours, layers, freeze)
+    loss1, loss2 = perturbed_step(ours, batch, layers, rho, freeze)
     got = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
 
     # reference: full graph, every gradient computed, norm over the selected layers only
@@ -138,10 +147,12 @@ def test_tvaccine_step_matches_a_plain_reference_step(pair, checkpointing):
     ref.zero_grad(set_to_none=True)
     loss_p, _ = ref_forward(ref, batch, eps)
     loss_p.backward()
-    want = {n: v for n, v in ref_lora_grads(ref).items() if int(n.split(".")[1]) in layers}
+    want = {n: v for n, v in ref_lora_grads(ref).items() if trains_under(freeze, layers, n)}
 
     assert loss1 == pytest.approx(loss.item(), abs=1e-5) and loss2 == pytest.approx(loss_p.item(), abs=1e-5)
-    assert set(got) == set(want) and len(want) == 2 * 7 * 2
+    # 2 sampled layers x 7 targets x (A, B); "attention" adds the 2 other layers x 3 MLP targets x (A, B)
+    assert set(got) == set(want) and len(want) == 2 * 7 * 2 + (2 * 3 * 2 if freeze == "attention" else 0)
+    assert all(want[n].abs().max() > 0 for n in want)  # every trained factor has a real gradient to compare
     for n in want:  # fp32 sums over a few hundred terms differ by ~1e-6 of the tensor's scale between kernels
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=grad_atol(want[n]))
 
@@ -191,19 +202,25 @@ def assert_same_first_adam_step(ours, ref_params, before, got, grads, lr, wd, ad
     assert checked > 0.95 * total  # the undetermined elements are the exception, not the rule
 
 
-def test_freezing_changes_only_the_selected_layers(pair):
+@pytest.mark.parametrize("freeze", ["layers", "attention"])
+def test_freezing_changes_only_the_trainable_factors(pair, freeze, monkeypatch):
+    """One step of AlignmentMethod, S forced to [2, 3] (layers 0 and 1 below min(S)): the LoRA factors with a
+    nonzero gradient, and those AdamW moves, are exactly the rule's; no base weight moves."""
     ours, _ = pair
+    monkeypatch.setattr(tvaccine, "sample_layers", lambda P, gamma, generator: [2, 3])
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
     method = AlignmentMethod(ours, "tvaccine", rho=1.0, gamma=2, refresh_every=1, resample_every=1,
-                             harmful_batches=[make_batch(96, seed=9)], seed=0)
+                             harmful_batches=[make_batch(96, seed=9)], seed=0, freeze=freeze)
     opt = torch.optim.AdamW(lora_parameters(ours), lr=1e-2, weight_decay=0.1)
     stats = method(0, make_batch(96, seed=4))
+    assert stats["layers"] == [2, 3]
+    with_grad = {n for n, p in ours.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
     opt.step()
     changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
-    layers = stats["layers"]
-    assert len(layers) == 2
-    expected = {n for n in before if "lora_" in n and int(n.split(".")[1]) in layers}
-    assert changed == expected and len(expected) == 2 * 7 * 2  # 7 targets (attention and MLP), A and B
+    expected = {n for n in before if "lora_" in n and trains_under(freeze, [2, 3], n)}
+    # 7 targets (attention and MLP) x (A, B) in S; "attention": + 3 MLP targets x (A, B) in layers 0 and 1
+    assert len(expected) == 2 * 7 * 2 + (2 * 3 * 2 if freeze == "attention" else 0)
+    assert with_grad == expected and changed == expected
 
 
 # --- the command line: resume, bad input, NaN --------------------------------------------------------------------
@@ -228,10 +245,11 @@ def adapter_tensors(out):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_resume_after_interrupt_gives_bitwise_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("freeze", ["layers", "attention"])
+def test_resume_after_interrupt_gives_bitwise_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch, freeze):
     folder, _ = tiny_checkpoint("llama", layers=4)
     data_dir = write_safety(tmp_path / "data")
-    tvaccine.main(cli_args(folder, data_dir, tmp_path / "full"))
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "full", "--freeze", freeze))
     calls = {"n": 0}
     real = tvaccine.perturbed_step
 
@@ -242,11 +260,11 @@ def test_resume_after_interrupt_gives_bitwise_the_same_adapter(tiny_checkpoint, 
         return real(*a, **kw)
     monkeypatch.setattr(tvaccine, "perturbed_step", interrupted)
     with pytest.raises(SystemExit):
-        tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut"))
+        tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut", "--freeze", freeze))
     monkeypatch.setattr(tvaccine, "perturbed_step", real)
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 6  # the step in flight was finished, then saved
-    tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut", "--resume"))
+    tvaccine.main(cli_args(folder, data_dir, tmp_path / "cut", "--freeze", freeze, "--resume"))
     full, cut = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "cut")
     assert full.keys() == cut.keys()
     assert all(torch.equal(full[k], cut[k]) for k in full)
@@ -280,12 +298,49 @@ def test_outputs_of_each_method(tiny_checkpoint, tmp_path):
     (["--n-align", "100"], "only 24 exist"),
     (["--batch-size", "30"], "fewer than one batch of 30"),
     (["--lr", "0"], "--lr must be > 0"),
+    (["--method", "vaccine", "--freeze", "attention"], "--freeze attention is T-Vaccine's"),
 ])
 def test_bad_input_fails_before_training(tiny_checkpoint, tmp_path, extra, message):
     folder, _ = tiny_checkpoint("llama", layers=4)
     data_dir = write_safety(tmp_path / "data")
     with pytest.raises(ValueError, match=message):
         tvaccine.main(cli_args(folder, data_dir, tmp_path / "out", *extra))
+
+
+def test_freeze_attention_from_the_command_line(tiny_checkpoint, tmp_path, monkeypatch):
+    """--freeze attention --harmful-batch-size 1 (T-Vaccine as the authors' code runs it), one layer sampled for
+    the whole run: the MLP LoRA of every layer moves, the attention LoRA of the other layers does not; importance
+    sees one harmful example each time; the flag is in config.json, and a resume with the other rule is refused."""
+    folder, _ = tiny_checkpoint("llama", layers=4)
+    data_dir = write_safety(tmp_path / "data")
+    rows, real = [], tvaccine.layer_importance
+
+    def importance(model, batch):
+        rows.append(batch["input_ids"].shape[0])
+        return real(model, batch)
+    monkeypatch.setattr(tvaccine, "layer_importance", importance)
+    out = tmp_path / "out"
+    tvaccine.main(cli_args(folder, data_dir, out, "--freeze", "attention", "--harmful-batch-size", "1",
+                           "--gamma", "1", "--resample-every", "100", "--epochs", "1"))
+    assert rows == [1, 1] and json.loads((out / "config.json").read_text())["freeze"] == "attention"
+    (S,) = {tuple(json.loads(l)["layers"]) for l in (out / "metrics.jsonl").read_text().splitlines()}
+    moved = {k.split(".")[4] + "." + k.split(".")[6] for k, v in adapter_tensors(out).items()
+             if "lora_B" in k and v.abs().max() > 0}  # layers.<l>.<part>.<target>: B starts at zero
+    assert moved == {f"{l}.{t}" for l in range(4) for t in ("gate_proj", "up_proj", "down_proj")} | \
+        {f"{S[0]}.{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    with pytest.raises(ValueError, match="freeze='attention' \\(now 'layers'\\)"):
+        tvaccine.main(cli_args(folder, data_dir, out, "--harmful-batch-size", "1", "--gamma", "1",
+                               "--resample-every", "100", "--epochs", "1", "--resume"))
+
+
+def test_run_saved_before_the_freeze_flag_resumes_as_layers(tmp_path):
+    """A config.json written before --freeze existed has no "freeze": it ran the paper's rule, "layers"."""
+    from trainer import RunDir
+    config = vars(tvaccine.parse_args(["--out", str(tmp_path)]))
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "freeze"}))
+    with pytest.raises(ValueError, match="freeze='layers' \\(now 'attention'\\)"):
+        RunDir(tmp_path, {**config, "freeze": "attention"}, resume=True)
+    RunDir(tmp_path, config, resume=True)  # the same settings: accepted
 
 
 def test_empty_data_and_occupied_out_dir(tiny_checkpoint, tmp_path):
