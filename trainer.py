@@ -90,6 +90,12 @@ class RunDir:
                 keep = [l for l in f.read_text().splitlines() if l and json.loads(l)["step"] < step]
                 atomic_write_text(f, "".join(l + "\n" for l in keep))
 
+    def last_logged(self, name: str) -> dict:
+        """The last record of a log ({} when there is none)."""
+        f = self.path / name
+        lines = [l for l in f.read_text().splitlines() if l.strip()] if f.exists() else []
+        return json.loads(lines[-1]) if lines else {}
+
     def write_summary(self, summary: dict):
         if self.writes:
             atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
@@ -316,6 +322,8 @@ def train(model, params: list, batches, step_fn, run: RunDir, *, lr: float, epoc
                 if step >= total:
                     break
     bar.close()
+    if not last and start >= total:  # resumed a run that had finished: no step ran; report its last logged step
+        last = run.last_logged("metrics.jsonl")
     save(step)
     peak, how = peak_memory_bytes(device)
     peak = dist.max_over_ranks(peak)  # the largest rank's: what each GPU must hold

@@ -356,7 +356,9 @@ def test_empty_data_and_occupied_out_dir(tiny_checkpoint, tmp_path):
         tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1"))
     with pytest.raises(ValueError, match="holds a run with other settings: rho=3.0 \\(now 1.0\\)"):
         tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1", "--rho", "1", "--resume"))
-    tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1", "--overwrite"))
+    first = tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1", "--overwrite"))
+    again = tvaccine.main(cli_args(folder, data_dir, tmp_path / "o2", "--epochs", "1", "--resume"))  # finished
+    assert again["final_loss"] == first["final_loss"] and again["steps"] == first["steps"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
