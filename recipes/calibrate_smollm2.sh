@@ -35,6 +35,7 @@ declare -A ALIGN=(
   [tvaccine-r1-g16]="--method tvaccine --rho 1 --gamma 16 --epochs 2"      # more layers trained per step
   [tvaccine-r1-e4]="--method tvaccine --rho 1 --gamma 8 --epochs 4"        # twice the alignment length
   [tvaccine-r1-g16-e4]="--method tvaccine --rho 1 --gamma 16 --epochs 4"    # the chosen setting, twice as long
+  [tvaccine-r1-g16-attn]="--method tvaccine --rho 1 --gamma 16 --epochs 2 --freeze attention --harmful-batch-size 1"  # the authors' code
   [sft-e4]="--method sft --epochs 4"
   [repnoise]="--method repnoise --epochs 2"
   [tar]="--method tar --epochs 2"                                          # the TAR authors' weight 4
@@ -58,14 +59,16 @@ stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
 # a run folder holding a checkpoint continues from it; anything else starts over
 fresh_or_resume() { if [ -e "$1/checkpoint.pt" ]; then echo --resume; else echo --overwrite; fi; }
 
+# ALIGN_EXTRA: flags appended to every alignment (the last occurrence of a flag wins), e.g. the positive control's
+# longer budget (issue 23): ALIGN_EXTRA="--n-align 1800 --epochs 2 --refresh-every 20"
 RUNS=${RUNS:-"nonaligned sft tvaccine-r3 vaccine-r3"}
 ATTACKS=${ATTACKS-"a1e-3 a2e-4"}  # ATTACKS="" attacks nothing: the alignments and their evaluation only
 for run in $RUNS; do
   if [ "$run" = nonaligned ]; then
     aligned=(); label=(--label non-aligned)
   else
-    stage $OUT/align-$run/summary.json python tvaccine.py $COMMON_ALIGN ${ALIGN[$run]} --out $OUT/align-$run \
-      $(fresh_or_resume $OUT/align-$run)
+    stage $OUT/align-$run/summary.json python tvaccine.py $COMMON_ALIGN ${ALIGN[$run]} ${ALIGN_EXTRA:-} \
+      --out $OUT/align-$run $(fresh_or_resume $OUT/align-$run)
     aligned=(--aligned $OUT/align-$run/adapter)
     if [ "$LABEL_BY" = method ]; then label=(--label ${run%%-*}); else label=(--label $run); fi
   fi
