@@ -200,13 +200,18 @@ def comparison_runs(nf4: Path = Path("results/nf4"), fp32: Path = Path("results/
     return runs
 
 
-def comparison(runs: list[tuple[str, Path, Path]], labels: Path) -> None:
-    """runs: (name, alignment folder, evaluation folder). Loss curve summaries, P, step time, HS."""
+def comparison(runs: list[tuple[str, Path, Path]], label_files: list[Path]) -> None:
+    """runs: (name, alignment folder, evaluation folder). Loss curve summaries, P, step time, HS; then per group
+    (method, base) the mean and standard error over seeds. label_files: later files win (the blind relabel of
+    results/nf4/judge over the first, unblinded reading of results/nf4/labels.jsonl)."""
     from judge import eval_key
-    hand = {(eval_key(r["source"]), r["prompt_index"]): r["label"]
-            for r in map(json.loads, labels.read_text().splitlines())}
+    hand = {}
+    for labels in label_files:
+        hand.update({(eval_key(r["source"]), r["prompt_index"]): r["label"]
+                     for r in map(json.loads, labels.read_text().splitlines())})
     print("| run | loss, steps 0-4 | loss, steps 30-39 | final loss | P_0 at steps 0/10/20/30 | median step (s) | "
-          "HS rules, 200 | HS rules, calib 50 | HS by hand, calib 50 |\n|---|---|---|---|---|---|---|---|---|")
+          "HS rules, 200 | HS rules, calib 50 | HS by labels, calib 50 |\n|---|---|---|---|---|---|---|---|---|")
+    groups = {}
     for name, align, ev in runs:
         m = [json.loads(l) for l in (align / "metrics.jsonl").read_text().splitlines()]
         loss = [x["loss"] for x in m]
@@ -217,6 +222,17 @@ def comparison(runs: list[tuple[str, Path, Path]], labels: Path) -> None:
         print(f"| {name} | {statistics.mean(loss[:5]):.3f} | {statistics.mean(loss[30:40]):.3f} | {loss[-1]:.3f} | "
               f"{p0} | {step:.1f} | {rules_all:.1f} | {rules_calib:.0f} | "
               f"{'-' if by_hand is None else f'{by_hand:.0f}'} |")
+        groups.setdefault(name.rsplit(", seed", 1)[0], []).append((statistics.mean(loss[30:40]), by_hand))
+    print("\n| method, base | seeds | loss, steps 30-39 (mean ± SE) | HS by labels, calib 50 (mean ± SE) |\n"
+          "|---|---|---|---|")
+    for group, values in groups.items():
+        def mean_se(xs):
+            xs = [x for x in xs if x is not None]
+            if not xs:
+                return "-"
+            se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+            return f"{statistics.mean(xs):.3f} ± {se:.3f}" if max(xs) < 10 else f"{statistics.mean(xs):.1f} ± {se:.1f}"
+        print(f"| {group} | {len(values)} | {mean_se([v[0] for v in values])} | {mean_se([v[1] for v in values])} |")
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,7 +379,7 @@ def main(argv=None):
     elif a.what == "steptime":
         step_time(a)
     elif a.what == "comparison":
-        comparison(comparison_runs(), Path("results/nf4/labels.jsonl"))
+        comparison(comparison_runs(), [Path("results/nf4/labels.jsonl"), Path("results/nf4/judge/labels.jsonl")])
     else:
         loading(a.threads)
 
