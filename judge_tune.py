@@ -225,6 +225,31 @@ def fold_predictions(f: int, rows: list[dict], fold: dict, cached: dict, out_dir
 CANDIDATES = ("tuned", "probe", "rules", "keyword")
 
 
+def all_folds(rows, fold, cached, out_dir: Path, progress: bool, new_reader) -> list[dict]:
+    """Every fold's predictions. Several `study` processes may share the work (one per core): a fold being
+    computed holds out_dir/fold-f.lock, which the others pass by and then wait for."""
+    import os
+    import time
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in range(FOLDS):
+        lock = out_dir / f"fold-{f}.lock"
+        if (out_dir / f"fold-{f}.json").exists():
+            continue
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue  # another process has it
+        try:
+            fold_predictions(f, rows, fold, cached, out_dir, progress, new_reader)
+        finally:
+            lock.unlink()
+    while not all((out_dir / f"fold-{f}.json").exists() for f in range(FOLDS)):
+        if not any((out_dir / f"fold-{f}.lock").exists() for f in range(FOLDS)):
+            raise RuntimeError(f"{out_dir}: a fold is neither done nor being computed (a process died?): rerun")
+        time.sleep(10)
+    return [json.loads((out_dir / f"fold-{f}.json").read_text()) for f in range(FOLDS)]
+
+
 def study(labels: Path, out: Path | None, progress: bool = True, cache_dir: Path = CACHE_DIR,
           new_reader=load_reader) -> dict:
     """Grouped cross-validation of every candidate on the same folds; per evaluation, the HS by each judge
@@ -234,8 +259,7 @@ def study(labels: Path, out: Path | None, progress: bool = True, cache_dir: Path
     cached = cache_inputs(rows, new_reader(), cache_dir, progress=progress)
     fold = group_folds(rows)
     verdict = {c: {} for c in CANDIDATES}
-    for f in range(FOLDS):
-        result = fold_predictions(f, rows, fold, cached, cache_dir / "study", progress, new_reader)
+    for result in all_folds(rows, fold, cached, cache_dir / "study", progress, new_reader):
         for c in CANDIDATES:
             verdict[c].update(zip(result["ids"], result["verdicts"][c]))
     sure = unambiguous(rows)

@@ -128,3 +128,24 @@ def test_the_committed_judge_on_hand_written_answers():
     verdicts, probabilities = judge.harmful_verdicts("tuned", [REQUEST] * len(CASES), [a for a, _ in CASES.values()])
     wrong = [case for case, v in zip(CASES, verdicts) if v != CASES[case][1]]
     assert not wrong and probabilities is None
+
+
+def test_folds_computed_by_another_process_are_waited_for_and_read(tmp_path, monkeypatch):
+    """all_folds passes by a locked fold (another process computes it) and reads its file once written."""
+    import threading
+    monkeypatch.setattr(judge_tune, "FOLDS", 2)
+    computed = []
+
+    def fake_fold(f, rows, fold, cached, out_dir, progress, new_reader):
+        computed.append(f)
+        (out_dir / f"fold-{f}.json").write_text(json.dumps({"ids": [f], "verdicts": {}}))
+    monkeypatch.setattr(judge_tune, "fold_predictions", fake_fold)
+    (tmp_path / "fold-1.lock").touch()  # fold 1 belongs to another process
+
+    def other_process():
+        (tmp_path / "fold-1.json").write_text(json.dumps({"ids": [1], "verdicts": {}}))
+        (tmp_path / "fold-1.lock").unlink()
+    threading.Timer(0.5, other_process).start()
+    monkeypatch.setattr("time.sleep", lambda s: __import__("threading").Event().wait(0.2))
+    results = judge_tune.all_folds([], {}, {}, tmp_path, False, None)
+    assert computed == [0] and [r["ids"] for r in results] == [[0], [1]]
