@@ -11,10 +11,15 @@ OUT=${OUT:-runs/calib}
 SEED=${SEED:-1}
 LABEL_BY=${LABEL_BY:-run}  # row names: the run key (vaccine-r3), or "method" (vaccine) for the main table
 N_FA=${N_FA:-100}        # SST-2 validation rows for FA; the main table (recipes/cpu_smollm2.sh) uses 200
-# Precision of every stage: every run in results/cpu_smollm2/ is fp32 (the default here). PRECISION=bf16 is the
-# CPU speed-up of issue 21 (bf16 weights and matmuls, fp32 LoRA master weights, LoRA math in bf16), whose
-# agreement with fp32 is measured in docs/BENCHMARKS.md.
-PRECISION=${PRECISION:-fp32}
+# Precision of every stage (issue 21): bf16 where the CPU has bf16 instructions (avx512_bf16 or amx_bf16), fp32
+# elsewhere: bf16 weights and matmuls, fp32 LoRA master weights and AdamW state, LoRA math in bf16. Its agreement
+# with fp32 (loss, P, HS by blind labels, FA: within the seed-to-seed spread) is in docs/BENCHMARKS.md section 5.
+# The runs in results/cpu_smollm2/{calib,main} are fp32: PRECISION=fp32 continues or reproduces them (a run folder
+# refuses to resume in another precision).
+if [ -z "${PRECISION:-}" ]; then
+  if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16
+  else PRECISION=fp32; echo "[recipe] this CPU has no bf16 instructions: every stage runs in fp32" >&2; fi
+fi
 case $PRECISION in
   fp32) TRAIN_PRECISION="--dtype fp32"; EVAL_PRECISION="--dtype fp32" ;;
   bf16) TRAIN_PRECISION="--dtype bf16 --lora-math model"; EVAL_PRECISION="--dtype bf16" ;;

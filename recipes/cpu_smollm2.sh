@@ -4,6 +4,9 @@
 # aligned, evaluated, attacked and evaluated again, every stage resumable (a stage is skipped when its output
 # exists, so rerunning continues where an interrupted run stopped).
 #
+# Precision: bf16 where the CPU has bf16 instructions, else fp32 (recipes/calibrate_smollm2.sh); the committed
+# main table (results/cpu_smollm2/main) ran in fp32 before bf16 was shown to agree: PRECISION=fp32 reproduces it.
+#
 # The settings were chosen on the calibration split of the prompts (recipes/calibrate_smollm2.sh;
 # docs/RESULTS.md, "Calibration") by a rule fixed in advance, and are frozen here:
 #   alignment  N_a 200, N_h 100, 2 epochs = 40 steps, batch 10, max length 128, lr 1e-3, LoRA r8

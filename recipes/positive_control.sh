@@ -6,10 +6,10 @@
 # Step 2 (T-Vaccine, the paper's rule and the authors' code) is RUNS="tvaccine-r1-g16 tvaccine-r1-g16-attn" once
 # gamma/rho are calibrated for the longer budget. Every stage resumes (checkpoints every 20 steps) or is skipped
 # when its output exists: rerun the same command to continue.
-#   PRECISION=bf16 bash recipes/positive_control.sh          # SEEDS="1" RUNS="sft" for a part, e.g. one per core
+#   bash recipes/positive_control.sh      # bf16 where the CPU has it (PRECISION=fp32 to force); SEEDS="1" RUNS="sft": a part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for seed in ${SEEDS:-1 2 3}; do
   OUT=${OUT_ROOT:-runs/pc}/seed$seed SEED=$seed RUNS=${RUNS:-"sft vaccine-r1"} ATTACKS=a5e-4 LABEL_BY=method N_FA=200 \
-    ALIGN_EXTRA="--n-align 1800" PRECISION=${PRECISION:-bf16} bash recipes/calibrate_smollm2.sh
+    ALIGN_EXTRA="--n-align 1800" bash recipes/calibrate_smollm2.sh
 done
