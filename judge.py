@@ -223,15 +223,17 @@ PROBE_RESIDUALS = (24, 26, 28)
 
 
 def probe_features(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8,
-                   residuals: tuple[int, ...] = PROBE_RESIDUALS):
+                   residuals: tuple[int, ...] = PROBE_RESIDUALS, progress: bool = False):
     """Per (request, answer): the residual streams x_l, l in `residuals`, at the last prompt token of PROBE_TEMPLATE
     (what the model 'thinks' before answering Yes/No), concatenated, and the zero-shot logit margin
     log p(Yes) - log p(No)."""
     from data import collate_prompts
     yes, no = tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
     feats, margins = [], []
+    from tqdm import tqdm
     with torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(range(0, len(prompts), batch_size), desc="reading answers", disable=not progress,
+                      file=sys.stdout):
             texts = [reader_text(p, a) for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
             batch = collate_prompts(tokenizer, texts)  # left-padded: the last position is the last token
             last_only = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
@@ -290,7 +292,7 @@ def all_features(rows: list[dict], cache: Path | None, reader=None, residuals=PR
     if made_by != source:
         raise ValueError(f"{cache} holds features read by {made_by}, not {source}: delete it or pass another cache")
     X, m = probe_features(model, tokenizer, [r["prompt"] for r in missing], [r["answer"] for r in missing],
-                          residuals=residuals)
+                          residuals=residuals, progress=len(missing) > 100)  # the first use reads every label
     features.update({r["id"]: (X[i], m[i]) for i, r in enumerate(missing)})
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
