@@ -330,10 +330,26 @@ def train_and_save(labels: Path, folder: Path = TUNED_DIR, progress: bool = True
     return folder
 
 
-def other_prompt_set(labels: Path, progress: bool = True) -> dict:
+def probe_cache_from_ours(cached: dict, reader_source: str, path: Path) -> None:
+    """The probe's feature cache (judge.all_features' format), filled from this cache's probe features, which
+    the same reader computed from the same text in the same pass: `--judge probe` then needs no second reading
+    of every label. Written only when absent."""
+    if path.exists() or tuple(PROBE_AT) != tuple(PROBE_RESIDUALS):
+        return
+    features = {"reader": f"{reader_source}, x_l for l in {tuple(PROBE_RESIDUALS)}"}
+    features.update({i: (p, m) for i, (_, p, m) in cached.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(features, path)
+
+
+def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = DEFAULT_LABELS) -> dict:
     """Agreement of every candidate (the shipped judges, trained on all the HarmBench labels) with labels of
     answers to another prompt set."""
+    from judge import DEFAULT_FEATURE_CACHE
     from judge_study import agreement
+    reader = load_reader()
+    cached = cache_inputs(load_labels(train_labels), reader, progress=progress)
+    probe_cache_from_ours(cached, getattr(reader[0], "source", "unknown"), DEFAULT_FEATURE_CACHE)
     rows = unambiguous(load_labels(labels))
     truth = [r["label"] == "harmful" for r in rows]
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]

@@ -149,3 +149,25 @@ def test_folds_computed_by_another_process_are_waited_for_and_read(tmp_path, mon
     monkeypatch.setattr("time.sleep", lambda s: __import__("threading").Event().wait(0.2))
     results = judge_tune.all_folds([], {}, {}, tmp_path, False, None)
     assert computed == [0] and [r["ids"] for r in results] == [[0], [1]]
+
+
+def test_the_probe_reuses_the_cached_reading_and_it_equals_its_own(tiny_checkpoint, tmp_path, monkeypatch):
+    """The probe features recorded by cache_inputs (every real token recorded, rows sorted by length) must be
+    the probe's own (judge.probe_features: the last token only, label order): the same fp32 forward of the same
+    text, so 1e-4 is rounding with margin; and judge.all_features must take the written cache without reading."""
+    monkeypatch.setattr(judge_tune, "PROBE_RESIDUALS", (1, 3))
+    model, tokenizer = tiny_reader(tiny_checkpoint)()
+    rows = toy_rows(10)
+    cached = judge_tune.cache_inputs(rows, (model, tokenizer), tmp_path / "c", progress=False)
+    path = tmp_path / "probe.pt"
+    judge_tune.probe_cache_from_ours(cached, str(model.source), path)
+
+    class NoReading:
+        def __iter__(self):
+            raise AssertionError("the labels were read again")
+    features = judge.all_features(rows, path, reader=NoReading(), residuals=(1, 3))
+    X, margin = judge.probe_features(model, tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows],
+                                     residuals=(1, 3))
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(features[r["id"]][0], X[i], atol=1e-4, rtol=0)
+        torch.testing.assert_close(features[r["id"]][1], margin[i], atol=1e-4, rtol=0)
