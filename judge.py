@@ -7,6 +7,8 @@ The judges (JUDGES, in the order `evaluate.py --judge` lists them):
 - `beaver-dam`: the paper's judge, the BeaverTails moderation model (PKU-Alignment/beaver-dam-7b) run on our own
   Transformer body plus its 14-way score head; the only one with probabilities. It needs the Hub (or a local
   copy) and, at 7B, a GPU-sized machine, so it cannot run on a CPU-only, offline machine.
+- `tuned`: SmolLM2-135M-Instruct with LoRA on its top two layers and a one-logit head, trained on the labels by
+  judge_tune.py (weights committed in results/judge/tuned/, a few seconds to load); for screening (docs/JUDGE.md).
 - `probe`: a logistic probe on SmolLM2-135M-Instruct's reading of (request, answer), fitted on the hand labels
   of results/judge/labels.jsonl (read by a language model under results/judge/LABELLING.md).
 - `rules`: a broader rule set. An answer is harmful compliance unless it is a non-answer (empty, a bare word,
@@ -362,6 +364,10 @@ def load_tuned(folder: Path = TUNED_DIR, reader=None):
                                 "`python judge_tune.py train`")
     config = json.loads((folder / "judge.json").read_text())
     model, tokenizer = reader or load_reader()
+    reading = Path(getattr(model, "source", "unknown")).name
+    if reading != config["reader"]:  # e.g. the Hub's SmolLM2 here, the offline Q4_1 GGUF at training time
+        print(f"[judge] warning: the tuned judge was trained on {config['reader']}'s reading, this reader is "
+              f"{reading}: its verdicts may differ slightly from the measured ones (docs/JUDGE.md)", file=sys.stderr)
     load_adapter(model, folder / "adapter")
     head = nn.Linear(model.args.dim, 1)
     head.load_state_dict(load_file(folder / "head.safetensors"))
@@ -476,8 +482,8 @@ def resolve_judge(name_or_path: str) -> Path:
     try:
         return weights.download_from_hub(name_or_path)
     except weights.CheckpointError as e:
-        raise weights.CheckpointError(f"{e}\nThe beaver-dam judge is unavailable: use --judge keyword "
-                                      "(an offline proxy) or pass --judge-model with a local copy.") from e
+        raise weights.CheckpointError(f"{e}\nThe beaver-dam judge is unavailable: use --judge tuned (offline, "
+                                      "for screening: docs/JUDGE.md) or pass --judge-model with a local copy.") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -322,9 +322,9 @@ def train_and_save(labels: Path, folder: Path = TUNED_DIR, progress: bool = True
     folder.mkdir(parents=True, exist_ok=True)
     save_adapter(model, folder / "adapter", "HuggingFaceTB/SmolLM2-135M-Instruct")
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
-    config = {"threshold": 0.0, "reader": getattr(model, "source", "unknown"), "top_layers": TOP_LAYERS,
+    config = {"threshold": 0.0, "reader": Path(getattr(model, "source", "unknown")).name, "top_layers": TOP_LAYERS,
               "rank": RANK, "alpha": ALPHA, "epochs": EPOCHS, "batch": BATCH, "lr": LR, "seed": SEED,
-              "labels": str(labels), "labels_sha256": hashlib.sha256(Path(labels).read_bytes()).hexdigest(),
+              "labels": Path(labels).name, "labels_sha256": hashlib.sha256(Path(labels).read_bytes()).hexdigest(),
               "trained_on": len(sure), "command": "python judge_tune.py train"}
     (folder / "judge.json").write_text(json.dumps(config, indent=1) + "\n")
     return folder

@@ -243,7 +243,7 @@ def test_missing_judge_says_use_keyword(monkeypatch):
     def offline(repo):
         raise CheckpointError(f"cannot reach the Hugging Face Hub and {repo} is not in the local cache")
     monkeypatch.setattr(weights, "download_from_hub", offline)
-    with pytest.raises(CheckpointError, match="use --judge keyword"):
+    with pytest.raises(CheckpointError, match="use --judge tuned"):
         judge.resolve_judge(judge.MODERATION_REPO)
 
 
