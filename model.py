@@ -225,8 +225,8 @@ def _sdpa(q, k, v, mask, scale, gqa: bool):
     B, nh, T, hd = q.shape
     if gqa and T == 1:
         # Decoding, one query per row: the query heads sharing a key/value head become that head's queries, so each
-        # cached key and value is read once, not once per query head (enable_gqa): 1.5x faster at 16 rows on a CPU
-        # (transformers' pack_gqa). A lone last query sees every key: nothing to mask causally.
+        # cached key and value is read once, not once per query head (enable_gqa); 4-5% faster on SmolLM2's decoding
+        # shapes on a CPU, and transformers' own way (pack_gqa). A lone last query sees every key: no causal mask.
         y = F.scaled_dot_product_attention(q.view(B, k.shape[1], nh // k.shape[1], hd), k, v, attn_mask=mask,
                                            scale=scale)
         return y.view(B, nh, T, hd).to(out_dtype)
