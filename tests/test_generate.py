@@ -175,3 +175,26 @@ def test_packed_weights_only_where_a_module_is_a_plain_linear(tiny_checkpoint):
             assert model.layers[0].self_attn.packed is not None
             packed = model(ids, mask)
     assert torch.allclose(packed[mask.bool()], plain[mask.bool()], rtol=0, atol=1e-5)
+
+
+def test_greedy_head_finds_the_fp32_argmax():
+    """The bf16 screen of GreedyHead keeps every token that can win: random heads and states, exact ties (the
+    smallest id wins, as torch.argmax), banned ids, and two logits 1e-3 apart near 10 (bf16 cannot tell them apart:
+    its resolution there is 0.06; fp32 can, to 1e-6)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    g = torch.Generator().manual_seed(0)
+    for V, K, scale in ((300, 64, 1.0), (1000, 96, 5.0), (4099, 64, 0.2)):  # 4099: not a whole number of blocks
+        h = torch.randn(8, K, generator=g)
+        w = torch.randn(V, K, generator=g) * scale
+        w[5] = w[17] = 3 * scale * K ** 0.5 * h[0] / h[0].norm()  # the best logit of state 0, twice: a tie
+        head = gen_mod.GreedyHead(w)
+        assert torch.equal(head.argmax(h), (h @ w.T).argmax(-1)) and head.argmax(h)[0].item() == 5
+        banned = (h @ w.T).argmax(-1).unique()
+        want = (h @ w.T).index_fill(1, banned, float("-inf")).argmax(-1)
+        assert torch.equal(head.argmax(h, banned), want)
+    h = torch.randn(4, 64, generator=g)
+    w = torch.randn(500, 64, generator=g) * 0.1
+    w[123] = 10 * h[0] / h[0].norm() ** 2  # logit 10 for row 0
+    w[321] = w[123] + 1e-3 * h[0] / h[0].norm() ** 2  # logit 10.001
+    assert gen_mod.GreedyHead(w).argmax(h)[0].item() == 321 == (h @ w.T).argmax(-1)[0].item()
