@@ -16,6 +16,7 @@ same precision, except where two logits tie to within float rounding (summation 
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from lora import LoRALinear
 from model import KVCache, Transformer
+from trainer import cpu_bf16_units
 
 PACK_LIMIT_BYTES = 4 * 2 ** 30  # packing copies the weights: only for models whose weights fit twice with room
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models inside packed_weights: their GreedyHead
@@ -165,6 +167,11 @@ def _fused(modules) -> PackedLinear | None:
     return PackedLinear(weight, bias)
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    return bool(cpu_bf16_units())
+
+
 def can_pack(model: Transformer) -> bool:
     """Packing pays on a CPU with oneDNN's linear ops, for fp32 / bf16 weights small enough to copy."""
     w = model.embed_tokens.weight
@@ -192,8 +199,11 @@ def packed_weights(model: Transformer):
             attn.packed = {"qkv": qkv, "o": o} if qkv and o else None
             mlp.packed = {"gate_up": gate_up, "down": down} if gate_up and down else None
         model.packed_head = _fused([model.lm_head])
-        plain_head = _affine(model.lm_head) is not None and model.args.final_softcap is None
-        _PACKED[model] = GreedyHead(model.lm_head.weight) if plain_head else None
+        # The bf16 screen pays for an fp32 head on a CPU with bf16 instructions only (emulated bf16 is slower than
+        # fp32); a soft-capped head (Gemma-2) could tie after its tanh.
+        screen = (_affine(model.lm_head) is not None and model.lm_head.weight.dtype == torch.float32
+                  and model.args.final_softcap is None and _native_bf16())
+        _PACKED[model] = GreedyHead(model.lm_head.weight) if screen else None
         yield model
     finally:
         for block in model.layers:
