@@ -68,14 +68,14 @@ def stop_token_ending_rows_apart(hf, prompts, new):
 def clear_case(tiny_checkpoint, kind, new, **kw):
     """The first seed's tiny model (of 10) on which greedy decoding is a clear test: a stop token that ends rows at
     two or more different steps while a row runs to `new`, and no near tie (lead > MARGIN). Returns (our model, the
-    tokenizer, transformers' rows). Which seed that is does not depend on the CPU: the leads move by ~1e-7."""
+    tokenizer, transformers' rows, transformers' model). Which seed that is does not depend on the CPU: the leads move by ~1e-7."""
     for seed in range(10):
         folder, hf = tiny_checkpoint(kind, seed=seed)
         tok = WordTok(stop=stop_token_ending_rows_apart(hf, PROMPTS, new))
         want, lead = hf_greedy(hf, tok, PROMPTS, new, **kw)
         stopped_at = {len(r) for r in want if r[-1] in tok.stop_ids}
         if lead > MARGIN and (kw or len(stopped_at) >= 2 and any(len(r) == new for r in want)):
-            return load_model(str(folder), dtype=torch.float32, device="cpu")[0], tok, want
+            return load_model(str(folder), dtype=torch.float32, device="cpu")[0], tok, want, hf
     raise AssertionError(f"{kind}: no seed of 10 gives a clear greedy test")
 
 
@@ -98,7 +98,7 @@ def test_greedy_equals_transformers_as_rows_stop_at_different_steps(kind, packed
     if not packed:
         monkeypatch.setattr(gen_mod, "can_pack", lambda model: False)  # the modules' own matmuls (a GPU's path)
     new = 12
-    model, tok, want = clear_case(tiny_checkpoint, kind, new)
+    model, tok, want, _ = clear_case(tiny_checkpoint, kind, new)
     got = generate_ids(model, tok, PROMPTS, max_new_tokens=new)
     assert got == want
     assert keeps == sorted(keeps, reverse=True) and len(keeps) >= 2  # finished rows left the batch, twice or more
@@ -106,12 +106,24 @@ def test_greedy_equals_transformers_as_rows_stop_at_different_steps(kind, packed
     assert texts == [" ".join(map(str, r[:-1] if r[-1] in tok.stop_ids else r)) for r in want]
 
 
+def test_bench_timings_count_rows_and_tokens(tiny_checkpoint):
+    """reference.py's two timings (bench.py section 3) on a tiny model: every row equal, the lengths as made. One
+    batch (sorted by length, as evaluate.py): the same rows as clear_case checked for near ties."""
+    reference = pytest.importorskip("reference")
+    model, tok, want, hf = clear_case(tiny_checkpoint, "llama", 12)
+    e = reference.eval_generation_times(model, hf, tok, PROMPTS, 12, batch=len(PROMPTS), rounds=1)
+    assert e["identical"] == e["rows"] == len(PROMPTS) and e["ours_tokens"] == e["hf_tokens"]
+    assert sorted(e["lengths"]) == sorted(map(len, want))
+    g = reference.generation_times(model, hf, tok, PROMPTS, 6, rounds=1)
+    assert g["identical"] == len(PROMPTS) and (g["shortest"], g["longest"]) == (2, 7)
+
+
 @pytest.mark.parametrize("kind", ARCHS)
 def test_fixed_length_equals_transformers_min_new_tokens(kind, tiny_checkpoint):
     """Every architecture, gemma included: its tiny random model repeats its prompt's last token (tied embeddings
     scaled by sqrt(dim) dominate), so no stop token can end its rows at different steps; here none may end them."""
     new = 10
-    model, tok, want = clear_case(tiny_checkpoint, kind, new, min_new_tokens=new)
+    model, tok, want, _ = clear_case(tiny_checkpoint, kind, new, min_new_tokens=new)
     got = generate_ids(model, tok, PROMPTS, max_new_tokens=new, min_new_tokens=new)
     assert got == want and all(len(r) == new for r in got)
 
@@ -130,7 +142,7 @@ def greedy_uncached(model, ids, n, stop):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])  # gemma2: sliding window and soft-capping through the cache
 def test_batched_equals_one_prompt_at_a_time_and_no_cache(kind, tiny_checkpoint):
-    model, tok, _ = clear_case(tiny_checkpoint, kind, 10)
+    model, tok, _, _ = clear_case(tiny_checkpoint, kind, 10)
     batched = generate_ids(model, tok, PROMPTS, 10)
     assert batched == [generate_ids(model, tok, [p], 10)[0] for p in PROMPTS]
     assert batched == [greedy_uncached(model, tok.encode(p), 10, tok.eos_id) for p in PROMPTS]
