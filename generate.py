@@ -248,9 +248,10 @@ class GreedyHead:
         reach = (2 * self.per_norm * h.norm(dim=1) + 2 * self.u * m.abs()) / (1 - self.u)
         threshold = m - reach
         rows, block = (block_max >= threshold[:, None]).nonzero(as_tuple=True)  # the blocks that hold a candidate
-        hit, offset = (blocks[rows, block] >= threshold[rows, None]).nonzero(as_tuple=True)
-        rows, ids = rows[hit], block[hit] * self.BLOCK + offset  # every token that can win, row by row
-        exact = (h[rows] * self.weight[ids]).sum(-1)
+        candidates = blocks.flatten(0, 1).index_select(0, rows * blocks.shape[1] + block)  # (n, BLOCK)
+        hit, offset = (candidates >= threshold.index_select(0, rows)[:, None]).nonzero(as_tuple=True)
+        rows, ids = rows.index_select(0, hit), block.index_select(0, hit) * self.BLOCK + offset  # every possible winner
+        exact = (h.index_select(0, rows) * self.weight.index_select(0, ids)).sum(-1)
         best = exact.new_full((B,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
         won = exact == best[rows]
         return ids.new_full((B,), V).scatter_reduce(0, rows[won], ids[won], "amin")
