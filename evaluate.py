@@ -126,14 +126,15 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, desc
     process would run, so the gathered answers are the single-process answers, in the same order."""
     import dist
     from tqdm import tqdm
-    from model import generate
+    from generate import generate, packed_weights
     order = sorted(range(len(prompts)), key=lambda i: len(tokenizer.encode(prompts[i])))
     mine = range(0, len(order), batch_size)[dist.rank()::dist.world_size()]
     answers = {}
-    for s in tqdm(mine, desc=desc, disable=not progress or not dist.is_main(), file=sys.stdout):
-        idx = order[s:s + batch_size]
-        for i, text in zip(idx, generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
-            answers[i] = response_text(text)
+    with packed_weights(model):  # the CPU's prepacked weights made once for every batch (generate.py)
+        for s in tqdm(mine, desc=desc, disable=not progress or not dist.is_main(), file=sys.stdout):
+            idx = order[s:s + batch_size]
+            for i, text in zip(idx, generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
+                answers[i] = response_text(text)
     gathered = {i: a for part in dist.gather_objects(answers) for i, a in part.items()}
     return [gathered[i] for i in range(len(prompts))]
 

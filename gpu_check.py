@@ -14,7 +14,7 @@ what it had), with the device, the versions and four sections:
    Llama-2-7B shapes, batch 10 x 200, with and without activation checkpointing, next to the prediction of
    memtrack.py's tracker (the same case on the `meta` device); on the CPU the allocator's own peak stands in.
 3. speed: step times of ours against the reference (with and without HF's checkpointing) at 7B, and generation
-   tokens/s of model.generate against transformers' generate.
+   tokens/s of generate.py against transformers' generate.
 4. distributed: two T-Vaccine steps through trainer.train under torchrun (NCCL on GPUs, gloo on the CPU), data
    parallel and FSDP, against the same steps in one process.
 
@@ -318,7 +318,7 @@ def step_times(args, method, ours, refs, opts, batch, S, rounds) -> dict:
 
 
 def generation_case(args, plan: Plan, device: str) -> dict:
-    """model.generate against transformers' generate: random prompts of 16-64 token ids, greedy."""
+    """generate.py against transformers' generate: random prompts of 16-64 token ids, greedy."""
     torch.manual_seed(0)
     state = random_state(repr(args), device, torch.bfloat16)
     model = build_ours(args, device, torch.bfloat16, False, state, lora=False).eval()
@@ -335,7 +335,7 @@ def generation_case(args, plan: Plan, device: str) -> dict:
 
 @dataclasses.dataclass
 class IdTokenizer:
-    """Prompts written as token ids ("5 17 9"): model.generate's tokenizer interface without a tokenizer file."""
+    """Prompts written as token ids ("5 17 9"): generate.py's tokenizer interface without a tokenizer file."""
     stop_ids: set
     pad_id: int = 0
     eos_id: int = 2

@@ -5,14 +5,14 @@
 - The reference: HF transformers' LlamaForCausalLM + peft LoRA, doing what the public T-Vaccine code does: forward
   hooks on the attention outputs, full backward in both passes, no truncation (`build_hf`, `build_ref`,
   `ref_step`, `ref_importance`); and the public code's RepNoise terms (`public_repnoise_terms`).
-- Timing (`timed`, `generation_times`: model.generate against transformers' generate on the same prompts).
+- Timing (`timed`; `generation_times`, `eval_generation_times`: generate.py against transformers' generate on the
+  same prompts, fixed-length and stopping at EOS as the evaluation does).
 - Shared inputs: the model shapes (Llama-2 7B / 13B / 70B), random weights made once and assigned to both stacks
   (`random_state`), right-padded batches (`make_batch`), AdamW with its state present (`make_optimizer`), and the
   layer sets S of T-Vaccine (`spread`: the worst case for memory, `uniform_layers`: a flat importance).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import platform
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import defences
+from generate import generate_ids, left_padded, packed_weights
 from lora import TARGETS, apply_lora, lora_parameters, set_trainable_layers
-from model import ModelArgs, Transformer, generate, rope_inv_freq
+from model import ModelArgs, Transformer, rope_inv_freq
 from tvaccine import perturbed_step, sft_step
 
 RHO, RANK, ALPHA, DROPOUT = 3.0, 8, 4.0, 0.1
@@ -278,30 +279,67 @@ def timed(fn, *args):
     return dt
 
 
+def hf_generate_ids(hf, tok, prompts: list[str], new: int, fixed: bool = False) -> list[list[int]]:
+    """transformers' greedy generate (KV cache) on the prompts left-padded as generate.generate pads them: the new
+    ids of each row up to its first stop token, included. fixed: exactly `new` tokens per row (min_new_tokens)."""
+    ids, mask = left_padded(tok, prompts, next(hf.parameters()).device)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                          min_new_tokens=new if fixed else 0, pad_token_id=pad, eos_token_id=sorted(tok.stop_ids),
+                          use_cache=True)
+    if fixed and out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens per row, not {new}")
+    rows = out[:, ids.shape[1]:].tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in tok.stop_ids), len(row))] for row in rows]
+
+
+def _timed_rounds(sides: dict, rounds: int) -> tuple[dict, dict]:
+    """Median seconds of each side's call over `rounds` interleaved rounds, and each side's last output."""
+    times, outputs = {k: [] for k in sides}, {}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            times[name].append(timed(_keep_output, fn, outputs, name))
+    return {k: statistics.median(v) for k, v in times.items()}, outputs
+
+
+def _keep_output(fn, outputs: dict, name: str):
+    outputs[name] = fn()
+
+
 def generation_times(model, hf, tok, prompts: list[str], new: int, rounds: int) -> dict:
-    """Median seconds of model.generate and of transformers' generate (greedy, KV cache, exactly `new` tokens per
-    row on both sides) over `rounds` interleaved runs, after a warmup of ours; and the prompts' shortest and
-    longest token counts."""
-    device = next(model.parameters()).device
-    never = dataclasses.replace(tok, stop_ids={-1})  # no row ends early: exactly `new` tokens each, as HF below
+    """Median seconds of generate.generate and of transformers' generate (greedy, KV cache, exactly `new` tokens per
+    row on both sides: stop tokens ruled out, min_new_tokens) over `rounds` interleaved runs, after a warmup of ours;
+    the prompts' shortest and longest token counts; and how many rows came out token for token equal."""
     enc = [tok.encode(p) for p in prompts]
-    T, pad = max(map(len, enc)), tok.pad_id if tok.pad_id is not None else 0
-    ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc], device=device)  # left-padded, as model.generate
-    mask = torch.arange(T, device=device)[None] >= torch.tensor([T - len(e) for e in enc], device=device)[:, None]
+    generate_ids(model, tok, prompts[:2], max_new_tokens=4)  # warmup
+    med, out = _timed_rounds({
+        "ours": lambda: generate_ids(model, tok, prompts, max_new_tokens=new, min_new_tokens=new),
+        "transformers": lambda: hf_generate_ids(hf, tok, prompts, new, fixed=True)}, rounds)
+    return {"ours_s": med["ours"], "hf_s": med["transformers"], "shortest": min(map(len, enc)),
+            "longest": max(map(len, enc)), "identical": sum(a == b for a, b in zip(out["ours"], out["transformers"]))}
+
+
+def eval_generation_times(model, hf, tok, prompts: list[str], new: int, batch: int, rounds: int) -> dict:
+    """As evaluate.py answers: the prompts sorted by token count, in batches of `batch`, greedy, each row up to its
+    stop token or `new` tokens; ours (packed once for all batches, as evaluate.generate_answers) against
+    transformers' generate on the same batches, interleaved. Median seconds, the new tokens each side made (stop
+    tokens included), the rows equal token for token, and the answers' lengths."""
+    order = sorted(range(len(prompts)), key=lambda i: len(tok.encode(prompts[i])))
+    batches = [[prompts[i] for i in order[s:s + batch]] for s in range(0, len(order), batch)]
 
     def ours():
-        generate(model, never, prompts, max_new_tokens=new)
+        with packed_weights(model):
+            return [row for b in batches for row in generate_ids(model, tok, b, max_new_tokens=new)]
 
     def transformers():
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False, max_new_tokens=new,
-                              min_new_tokens=new, pad_token_id=pad, eos_token_id=tok.eos_id, use_cache=True)
-        if out.shape[1] != T + new:
-            raise RuntimeError(f"transformers generated {out.shape[1] - T} tokens per row, not {new}")
-    generate(model, never, prompts[:2], max_new_tokens=4)  # warmup
-    ts = [(timed(ours), timed(transformers)) for _ in range(rounds)]
-    o, h = (statistics.median(x) for x in zip(*ts))
-    return {"ours_s": o, "hf_s": h, "shortest": min(map(len, enc)), "longest": T}
+        return [row for b in batches for row in hf_generate_ids(hf, tok, b, new)]
+    generate_ids(model, tok, prompts[:2], max_new_tokens=4)  # warmup
+    med, out = _timed_rounds({"ours": ours, "transformers": transformers}, rounds)
+    lengths = [len(r) for r in out["ours"]]
+    return {"ours_s": med["ours"], "hf_s": med["transformers"], "ours_tokens": sum(lengths),
+            "hf_tokens": sum(map(len, out["transformers"])), "lengths": lengths,
+            "identical": sum(a == b for a, b in zip(out["ours"], out["transformers"])), "rows": len(prompts)}
 
 
 def lora_shapes(args: ModelArgs) -> list[tuple[int, int]]:

@@ -105,7 +105,8 @@ def test_end_to_end_keyword(setup, capsys):
 
     # The answers are those of base + aligned + attacked, merged in that order.
     from lora import load_adapter, merge_and_unload
-    from model import generate, load_model
+    from generate import generate
+    from model import load_model
     import data as data_mod
     model, tok = load_model(str(folder), torch.float32, "cpu")
     for a in (runs["align"], runs["attack"]):

@@ -1,11 +1,12 @@
-"""model.py against HF transformers on tiny random configs: logits, hooks, loss, generation, errors."""
+"""model.py against HF transformers on tiny random configs: logits, hooks, loss, errors (generation:
+test_generate.py)."""
 import json
 
 import pytest
 import torch
 
 from conftest import ARCHS, tiny_hf_model
-from model import ModelArgs, Transformer, build_from_tensors, generate, load_model
+from model import ModelArgs, Transformer, build_from_tensors, load_model
 from weights import CheckpointError
 
 B, T = 3, 12
@@ -196,56 +197,6 @@ def test_expose_without_any_trainable_parameter_still_gives_dl_dh(tiny_checkpoin
     ref = torch.autograd.grad(model.loss(x, labels), [exposed[l] for l in range(3)])
     for a, b in zip(dh, ref):
         torch.testing.assert_close(a, b)
-
-
-# --- generation ---------------------------------------------------------------------------------------------------
-
-class WordTok:
-    """Prompts are space-separated token ids: lets tests pick exact token sequences."""
-    bos_id, eos_id, pad_id, add_bos = 1, 2, 0, True
-    stop_ids = {2}
-
-    def encode(self, text, bos=None, eos=False):
-        return [int(t) for t in text.split()]
-
-    def decode(self, ids, skip_special=True):
-        return " ".join(map(str, ids))
-
-
-def greedy_uncached(model, ids, n):
-    ids = list(ids)
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
-        out.append(nxt)
-        if nxt == 2:
-            break
-        ids.append(nxt)
-    return out[:-1] if out and out[-1] == 2 else out
-
-
-@pytest.mark.parametrize("kind", ["llama", "gemma2"])
-def test_generation_cached_batched_and_against_transformers(kind, tiny_checkpoint):
-    folder, hf = tiny_checkpoint(kind)
-    model, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
-    prompts = ["1 5 9 13 17 21 25", "1 7", "1 30 31 32 33"]
-    tok = WordTok()
-    batched = generate(model, tok, prompts, max_new_tokens=10)
-    single = [generate(model, tok, [p], max_new_tokens=10)[0] for p in prompts]
-    assert batched == single
-    for p, got in zip(prompts, single):
-        ref = greedy_uncached(model, tok.encode(p), 10)
-        assert got == " ".join(map(str, ref))
-    # and transformers' own generate on the same left-padded batch
-    ids = [tok.encode(p) for p in prompts]
-    width = max(map(len, ids))
-    inp = torch.tensor([[0] * (width - len(i)) + i for i in ids])
-    mask = (torch.arange(width)[None] >= torch.tensor([width - len(i) for i in ids])[:, None]).long()
-    ref = hf.generate(inp, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
-    for row, got in zip(ref[:, width:].tolist(), batched):
-        want = row[:row.index(2)] if 2 in row else row
-        assert got == " ".join(map(str, want))
 
 
 # --- loading errors -----------------------------------------------------------------------------------------------

