@@ -11,8 +11,8 @@ Every stage is the recipe's own command, run as a child process with one thread,
           adapters (--adapters: a folder holding align-<run>/ and attack-<run>-a5e-4/ of recipes/calibrate_smollm2.sh)
           so that answers have the lengths of the real ones; 48/200 = 24/100, one factor for both.
 A stage's cost is the child's CPU time (user + system: core-seconds, which other jobs on the machine inflate far
-less than wall time), scaled to the full stage: start-up (loading the model and data, measured apart) + the
-slice's work x (full work / slice work). Both arms run interleaved, stage by stage, so they share the machine's
+less than wall time), scaled to the full stage: start-up (loading the model, data and adapters, measured apart
+by a child that does only that) + the rest of the slice's CPU time x (full work / slice work). Both arms run interleaved, stage by stage, so they share the machine's
 load. Each slice's output is kept in --out; a finished slice is read back, not rerun (resumable).
 """
 from __future__ import annotations
@@ -57,15 +57,10 @@ def measured(folder: Path, cmd: list[str], cwd: Path) -> float:
     return cpu
 
 
-def step_seconds(run: Path) -> list[float]:
-    return [json.loads(line)["time_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def training_cost(cpu: float, run: Path, full_steps: int) -> float:
-    """Start-up (CPU time outside the steps) + the mean step x the full run's steps."""
-    steps = step_seconds(run)
-    startup = max(cpu - sum(steps), 0.0)
-    return startup + sum(steps) / len(steps) * full_steps
+def scaled(cpu: float, startup: float, factor: float) -> float:
+    """A full stage's CPU time from its slice's: start-up once + the slice's work x (full work / slice work).
+    CPU time, not the steps' wall time: on a loaded machine wall time counts the other jobs' turns too."""
+    return startup + max(cpu - startup, 0.0) * factor
 
 
 def stages(arm: str, run: str, out: Path, data: str, adapters: Path) -> dict[str, list[str]]:
@@ -125,12 +120,9 @@ def main(argv=None):
                 cmd = stages(arm, run, out, data, adapters)[stage]
                 folder = out / arm / run / stage.replace(" ", "-")
                 cpu = measured(folder, cmd, trees[arm])
-                if stage == "align":
-                    cost[arm] = training_cost(cpu, out / arm / run / "align", FULL_ALIGN_STEPS)
-                elif stage == "attack":
-                    cost[arm] = training_cost(cpu, out / arm / run / "attack", FULL_ATTACK_STEPS)
-                else:
-                    cost[arm] = startup[arm] + (cpu - startup[arm]) * EVAL_FACTOR
+                steps = {"align": FULL_ALIGN_STEPS, "attack": FULL_ATTACK_STEPS}
+                factor = steps[stage] / SLICE_STEPS if stage in steps else EVAL_FACTOR
+                cost[arm] = scaled(cpu, startup[arm], factor)
             rows.append((run, stage, cost["before"], cost["after"]))
             print(f"[pipeline] {run} {stage}: before {cost['before'] / 60:.1f}, after {cost['after'] / 60:.1f} "
                   "core-min", file=sys.stderr, flush=True)
@@ -143,7 +135,7 @@ def report(rows, a, startup):
     print(f"## Core-minutes per stage, one seed of the miniature\n\n{cpu_name()}; one thread per stage; before = "
           f"fp32 at `{a.before_rev}`, after = this tree with the recipes' bf16 flags (training `{ARMS['after'][0]}`, "
           f"evaluation `{ARMS['after'][1]}`). Each stage: CPU time of a slice scaled to the full stage (see "
-          f"bench_pipeline.py); evaluation start-up {startup['before']:.0f} / {startup['after']:.0f} s.\n")
+          f"bench_pipeline.py); start-up {startup['before']:.0f} / {startup['after']:.0f} s.\n")
     print("| method | stage | full work | before (core-min) | after (core-min) | after / before |\n|---|---|---|---|---|---|")
     work = {"align": f"{FULL_ALIGN_STEPS} steps", "attack": f"{FULL_ATTACK_STEPS} steps",
             "eval aligned": "200 HS prompts", "eval attacked": "200 HS + 100 SST-2"}
