@@ -211,6 +211,11 @@ PROBE_TEMPLATE = ("<|im_start|>user\nHere is a request and a response.\nRequest:
                   "<|im_start|>assistant\n")
 
 
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """The token ids of the reader's answers "Yes" and "No" (the last token of each, after any BOS)."""
+    return tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
+
+
 def reader_text(prompt: str, answer: str) -> str:
     """What SmolLM2 reads for the probe and the tuned judge: the request, the answer (its first 1500 characters)
     and the question, in its chat template; both judges read the last token's state."""
@@ -230,7 +235,7 @@ def probe_features(model, tokenizer, prompts: list[str], answers: list[str], bat
     (what the model 'thinks' before answering Yes/No), concatenated, and the zero-shot logit margin
     log p(Yes) - log p(No)."""
     from data import collate_prompts
-    yes, no = tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
+    yes, no = yes_no_ids(tokenizer)
     feats, margins = [], []
     from tqdm import tqdm
     with torch.inference_mode():

@@ -4,7 +4,7 @@ and measured on evaluated models it never saw.
 
     python judge_tune.py train            # results/judge/tuned/ from every unambiguous label
     python judge_tune.py study            # grouped cross-validation: tuned, probe, rules, keyword on the same folds
-    python judge_tune.py other DIR...     # agreement on answers to another prompt set (e.g. AdvBench)
+    python judge_tune.py other LABELS...  # agreement on labelled answers to another prompt set (e.g. AdvBench)
 
 The design, chosen for a CPU:
 - SmolLM2 reads `judge.reader_text(request, answer)` (the probe's chat template, which ends by asking "Does the
@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from judge import (DEFAULT_LABELS, PROBE_RESIDUALS, TUNED_DIR, eval_key, harmful_verdicts, load_labels,
-                   load_reader, reader_text, tuned_logits)
+                   load_reader, reader_text, tuned_logits, yes_no_ids)
 
-TOP_LAYERS = 2         # LoRA on the last two of SmolLM2's 30 layers; measured against 1 and 4 in docs/JUDGE.md
+TOP_LAYERS = 2         # LoRA on the last two of SmolLM2's 30 layers (no other depth was tried)
 RANK, ALPHA = 8, 16
 EPOCHS, BATCH, LR, SEED = 2, 16, 1e-3, 0
 FOLDS = 5
@@ -58,15 +58,13 @@ def read_batch(model, tokenizer, rows: list[dict], first: int) -> dict:
     from data import collate_prompts
     batch = collate_prompts(tokenizer, [reader_text(r["prompt"], r["answer"]) for r in rows])  # left-padded
     mask = batch["attention_mask"].bool()
-    last = torch.zeros_like(mask)
-    last[:, -1] = True
     with torch.inference_mode():
         x, seen = model.forward_hidden(batch["input_ids"], batch["attention_mask"], record_at=mask)
         lengths = mask.sum(1).tolist()
         ends = torch.tensor(lengths).cumsum(0)
         x_first = seen["residual"][first].split(lengths)   # real tokens, (b, t) order: one piece per row
         probe = torch.cat([seen["residual"][l][ends - 1] for l in PROBE_AT], -1)  # each row's last token
-        yes, no = tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
+        yes, no = yes_no_ids(tokenizer)
         logp = torch.log_softmax(model.lm_head(model.norm(x[:, -1])).float(), -1)
     return {"ids": [r["id"] for r in rows], "x": [t.clone() for t in x_first], "probe": probe.float(),
             "margin": (logp[:, yes] - logp[:, no])}
@@ -86,9 +84,11 @@ def cache_inputs(rows: list[dict], reader, cache_dir: Path = CACHE_DIR, batch_si
         raise ValueError(f"{cache_dir} caches another reading ({meta_file.read_text()}), not {meta}: delete it")
     meta_file.write_text(json.dumps(meta))
     cached = {}
-    for shard in sorted(cache_dir.glob("shard-*.pt")):
-        part = torch.load(shard, weights_only=True)
+
+    def add(part: dict):
         cached.update({i: (x, p, m) for i, x, p, m in zip(part["ids"], part["x"], part["probe"], part["margin"])})
+    for shard in sorted(cache_dir.glob("shard-*.pt")):
+        add(torch.load(shard, weights_only=True))
     missing = sorted((r for r in rows if r["id"] not in cached),
                      key=lambda r: len(tokenizer.encode(reader_text(r["prompt"], r["answer"]))))
     n_shards = len(list(cache_dir.glob("shard-*.pt")))
@@ -102,7 +102,7 @@ def cache_inputs(rows: list[dict], reader, cache_dir: Path = CACHE_DIR, batch_si
         torch.save(part, tmp)
         tmp.replace(cache_dir / f"shard-{n_shards:04d}.pt")
         n_shards += 1
-        cached.update({i: (x, p, m) for i, x, p, m in zip(part["ids"], part["x"], part["probe"], part["margin"])})
+        add(part)
         bar.update(len(part["ids"]))
     bar.close()
     return cached
@@ -114,7 +114,7 @@ def cache_inputs(rows: list[dict], reader, cache_dir: Path = CACHE_DIR, batch_si
 
 def zero_shot_head(model, tokenizer) -> nn.Linear:
     """head(z) = z . (E_Yes - E_No): the model's own logit(Yes) - logit(No) on the final-normed state z."""
-    yes, no = tokenizer.encode("Yes")[-1], tokenizer.encode("No")[-1]
+    yes, no = yes_no_ids(tokenizer)
     head = nn.Linear(model.args.dim, 1)
     with torch.no_grad():
         head.weight.copy_((model.lm_head.weight[yes] - model.lm_head.weight[no]).float()[None])
@@ -347,9 +347,10 @@ def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = D
     answers to another prompt set."""
     from judge import DEFAULT_FEATURE_CACHE
     from judge_study import agreement
-    reader = load_reader()
-    cached = cache_inputs(load_labels(train_labels), reader, progress=progress)
-    probe_cache_from_ours(cached, getattr(reader[0], "source", "unknown"), DEFAULT_FEATURE_CACHE)
+    if not DEFAULT_FEATURE_CACHE.exists():  # the probe's features, from the cache rather than a second reading
+        reader = load_reader()
+        cached = cache_inputs(load_labels(train_labels), reader, progress=progress)
+        probe_cache_from_ours(cached, getattr(reader[0], "source", "unknown"), DEFAULT_FEATURE_CACHE)
     rows = unambiguous(load_labels(labels))
     truth = [r["label"] == "harmful" for r in rows]
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
