@@ -200,6 +200,15 @@ def comparison_runs(nf4: Path = Path("results/nf4"), fp32: Path = Path("results/
     return runs
 
 
+def mean_se(xs: list, digits: int) -> str:
+    """Mean ± standard error over seeds of the values present ("-" when none; SE nan for one seed)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+    return f"{statistics.mean(xs):.{digits}f} ± {se:.{digits}f}"
+
+
 def comparison(runs: list[tuple[str, Path, Path]], label_files: list[Path]) -> None:
     """runs: (name, alignment folder, evaluation folder). Loss curve summaries, P, step time, HS; then per group
     (method, base) the mean and standard error over seeds. label_files: later files win (the blind relabel of
@@ -226,13 +235,8 @@ def comparison(runs: list[tuple[str, Path, Path]], label_files: list[Path]) -> N
     print("\n| method, base | seeds | loss, steps 30-39 (mean ± SE) | HS by labels, calib 50 (mean ± SE) |\n"
           "|---|---|---|---|")
     for group, values in groups.items():
-        def mean_se(xs):
-            xs = [x for x in xs if x is not None]
-            if not xs:
-                return "-"
-            se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-            return f"{statistics.mean(xs):.3f} ± {se:.3f}" if max(xs) < 10 else f"{statistics.mean(xs):.1f} ± {se:.1f}"
-        print(f"| {group} | {len(values)} | {mean_se([v[0] for v in values])} | {mean_se([v[1] for v in values])} |")
+        print(f"| {group} | {len(values)} | {mean_se([v[0] for v in values], 3)} | "
+              f"{mean_se([v[1] for v in values], 1)} |")
     print()
 
 # ----------------------------------------------------------------------------------------------------------------
