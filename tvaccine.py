@@ -44,13 +44,9 @@ def batch_loss(model, x, labels) -> torch.Tensor:
     return model.loss(x, labels, dist.global_target_count(labels))
 
 
-def layer_importance(model, batch: dict) -> torch.Tensor:
-    """P over layers: normalised Frobenius norms of dL_h/dh_l on the clean (unperturbed) model.
-
-    Data parallel: each rank's dL_h/dh_l are its rows of the global batch's, so the squared norms are summed
-    over the ranks before the square root; P is then broadcast from rank 0, so that the ranks, which sample S
-    from P with identically seeded generators, cannot draw different layers even if a reduction rounded
-    differently on one of them."""
+def importance_norms(model, batch: dict) -> torch.Tensor:
+    """||dL_h/dh_l||_F for every layer l on the clean (unperturbed) model (data parallel: over the global batch,
+    each rank's squared norms summed over the ranks, as its dL_h/dh_l are its rows of the global batch's)."""
     norms = {}
     # Each dL/dh_l is reduced to its norm as backward reaches it, and no h_l is kept alive (at 7B, B 10 x 200,
     # this pass then peaks at 14.31 GiB instead of 14.78). The backward runs down to h_0, no weight gradients.
@@ -59,8 +55,15 @@ def layer_importance(model, batch: dict) -> torch.Tensor:
     (g0,) = torch.autograd.grad(batch_loss(model, x, batch["labels"]), [h[0]])
     norms[0] = g0.float().norm()
     s = torch.stack([norms[l] for l in range(model.args.n_layers)])
-    if dist.parallel():
-        s = dist.global_norm(s.pow(2))
+    return dist.global_norm(s.pow(2)) if dist.parallel() else s
+
+
+def layer_importance(model, batch: dict) -> torch.Tensor:
+    """P over layers: the normalised norms of dL_h/dh_l (`importance_norms`).
+
+    P is broadcast from rank 0, so that the ranks, which sample S from P with identically seeded generators,
+    cannot draw different layers even if a reduction rounded differently on one of them."""
+    s = importance_norms(model, batch)
     P = (s / s.sum()).cpu()  # plain normalisation, no softmax (paper, eq. 4)
     dist.broadcast_from_main([P])
     return P
