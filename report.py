@@ -172,23 +172,34 @@ def paired_bootstrap(a: list[Path], b: list[Path], split: str = "all", n_boot: i
 
 
 BOOTSTRAP_BASELINES = ("sft", "vaccine", "repnoise", "tar")  # the paper's aligned baselines, in its order
+CONTROL_PAIRS = (("vaccine", "sft"),)  # the positive control: the published predecessor against plain SFT
+
+
+def is_tvaccine_row(name: str) -> bool:
+    """tvaccine, or a T-Vaccine row labelled by its run (tvaccine-r1-g16, tvaccine-r1-g16-attn)."""
+    return name == "tvaccine" or name.startswith("tvaccine-")
+
+
+def bootstrap_pairs(names) -> list[tuple[str, str]]:
+    """Vaccine - SFT, then every T-Vaccine row against each aligned baseline (SFT, Vaccine, RepNoise, TAR), among
+    the rows present."""
+    pairs = [(a, b) for a, b in CONTROL_PAIRS if a in names and b in names]
+    return pairs + [(t, b) for t in names if is_tvaccine_row(t) for b in BOOTSTRAP_BASELINES if b in names]
 
 
 def bootstrap_lines(results: list[dict], split: str, hand: dict | None = None) -> list[str]:
-    """T-Vaccine against each aligned baseline (SFT, Vaccine, RepNoise, TAR), per attacked task, when both were
-    evaluated on at least one common seed."""
+    """The pairs of `bootstrap_pairs`, per attacked task, when both were evaluated on at least one common seed."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
         dirs = {}
         for r in results:
             if r["task"] == task:
                 dirs.setdefault(_row_name(r), []).append(Path(r["dir"]))
-        for other in BOOTSTRAP_BASELINES:
-            if "tvaccine" in dirs and other in dirs:
-                d, lo, hi, n_seeds, n_prompts = paired_bootstrap(dirs["tvaccine"], dirs[other], split, hand=hand)
-                where = "before the attack" if task == "none" else f"after the {task} attack"
-                lines.append(f"HS tvaccine - {other}, {where}: {d:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] "
-                             f"(paired bootstrap over {n_seeds} seeds x {n_prompts} prompts)")
+        for a, b in bootstrap_pairs(list(dirs)):
+            d, lo, hi, n_seeds, n_prompts = paired_bootstrap(dirs[a], dirs[b], split, hand=hand)
+            where = "before the attack" if task == "none" else f"after the {task} attack"
+            lines.append(f"HS {a} - {b}, {where}: {d:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] "
+                         f"(paired bootstrap over {n_seeds} seeds x {n_prompts} prompts)")
     return lines
 
 

@@ -104,6 +104,20 @@ def test_paired_bootstrap_against_hand_computed_cases(tmp_path):
     assert "HS tvaccine - tar, after the sst2 attack: +50.00 points" in table and "over 1 seeds x 8 prompts" in table
 
 
+def test_bootstrap_pairs_cover_the_positive_control_and_t_vaccine_rows_labelled_by_run(tmp_path):
+    assert rp.bootstrap_pairs(["sft", "vaccine", "tvaccine-r1-g16", "tvaccine-r1-g16-attn", "tvaccinex"]) == [
+        ("vaccine", "sft"), ("tvaccine-r1-g16", "sft"), ("tvaccine-r1-g16", "vaccine"),
+        ("tvaccine-r1-g16-attn", "sft"), ("tvaccine-r1-g16-attn", "vaccine")]
+    sft = fake_eval(tmp_path / "s", "sft", 1, [True] * 4 + [False] * 4)
+    vac = fake_eval(tmp_path / "v", "vaccine", 1, [True] * 2 + [False] * 6)
+    attn = fake_eval(tmp_path / "a", "tvaccine", 1, [True] * 8)
+    r = json.loads((attn / "results.json").read_text())
+    (attn / "results.json").write_text(json.dumps({**r, "label": "tvaccine-r1-g16-attn"}))
+    table = rp.main([str(sft), str(vac), str(attn)])
+    assert "HS vaccine - sft, after the sst2 attack: -25.00 points" in table  # (2 - 4) of 8
+    assert "HS tvaccine-r1-g16-attn - vaccine, after the sst2 attack: +75.00 points" in table  # (8 - 2) of 8
+
+
 def test_per_run_table_lists_each_folder_with_every_judges_hs(tmp_path):
     d = fake_eval(tmp_path / "eval-sft-a1", "sft", 1, [True, False, False, False], ["Sure, here it is.", "negative", "No", "ok"])
     r = json.loads((d / "results.json").read_text())
