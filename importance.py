@@ -33,15 +33,9 @@ def harmful_examples(args, tokenizer) -> list:
     return data.tokenize_dataset(tokenizer, data.harmful_set(rows, args.n_harmful), args.max_len, "D_h")
 
 
-def importance_of(model, examples: list, pad_id: int) -> torch.Tensor:
-    import data
-    from tvaccine import layer_importance
-    batch = data.collate(examples, pad_id)
-    return layer_importance(model, {k: v.to(model.embed_tokens.weight.device) for k, v in batch.items()})
-
-
-def reference_importance(model, examples: list, pad_id: int, chunk: int = 10) -> torch.Tensor:
-    """P of all `examples` in one batch, computed in chunks (one batch of 100 x 128 would need ~10 GB on the CPU):
+def importance_of(model, examples: list, pad_id: int, chunk: int = 10) -> torch.Tensor:
+    """P of `examples` as one batch, as tvaccine.layer_importance computes it, but in chunks of `chunk` rows (all
+    of D_h, 100 x 128, in one batch would need ~10 GB on the CPU; a drawn batch of up to `chunk` rows is one chunk):
     the batch loss is the mean over its N target tokens, and each row's hidden states feed only its own loss, so
     dL/dh_l is the chunks' dL_c/dh_l, each scaled by n_c / N, side by side: ||dL/dh_l||^2 = sum_c (n_c/N)^2
     ||dL_c/dh_l||^2."""
@@ -125,15 +119,15 @@ def main(argv=None) -> str:
     if args.gamma > model.args.n_layers:
         raise ValueError(f"--gamma {args.gamma} exceeds the model's {model.args.n_layers} layers")
     examples, pad = harmful_examples(args, tokenizer), data.pad_id_of(tokenizer)
-    ref = reference_importance(model, examples, pad)
+    ref = importance_of(model, examples, pad)  # the reference: all of D_h
     gen, draws = torch.Generator().manual_seed(args.seed), {}
     for b in args.batch_sizes:
         order, Ps = [], []
         for _ in range(args.draws):
             if len(order) < b:  # a fresh permutation once D_h is used up
                 order = torch.randperm(len(examples), generator=gen).tolist()
-            chunk, order = order[:b], order[b:]
-            Ps.append(importance_of(model, [examples[i] for i in chunk], pad))
+            rows, order = order[:b], order[b:]
+            Ps.append(importance_of(model, [examples[i] for i in rows], pad))
         draws[b] = Ps
     text = table(ref, draws, args.gamma, len(examples))
     print(text)

@@ -27,7 +27,7 @@ def test_chunked_reference_is_the_whole_batch_importance(tiny_checkpoint):
     folder, hf = tiny_checkpoint("llama", layers=3)
     ours, _ = load_model(str(folder), dtype=torch.float32, device="cpu")
     examples = ragged_examples(7, hf.config.vocab_size)
-    P = importance.reference_importance(ours, examples, pad_id=0, chunk=3)  # chunks of 3, 3 and 1 rows
+    P = importance.importance_of(ours, examples, pad_id=0, chunk=3)  # chunks of 3, 3 and 1 rows
 
     batch = collate(examples, 0)
     hs, handles = {}, []
