@@ -180,9 +180,7 @@ def peak_memory(stack, args, method, device, S, batch, harm, dtype=torch.bfloat1
     ours = stack.startswith("ours")
     model = build_ours(args, device, dtype, stack == "ours", quantize=quantize) if ours else \
         build_ref(args, device, dtype, stack == "ref-ckpt")
-    step, imp = (ours_step, layer_importance) if ours else (ref_step, ref_importance)
-    if ours:
-        step = functools.partial(ours_step, freeze=freeze)
+    step, imp = (functools.partial(ours_step, freeze=freeze), layer_importance) if ours else (ref_step, ref_importance)
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n) + \
         sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith("inv_freq"))  # NF4
     params = [p for n, p in model.named_parameters() if "lora_" in n]
