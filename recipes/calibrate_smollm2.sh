@@ -67,7 +67,7 @@ stage() { local output=$1; shift; [ -e "$output" ] || "$@"; }
 fresh_or_resume() { if [ -e "$1/checkpoint.pt" ]; then echo --resume; else echo --overwrite; fi; }
 
 # ALIGN_EXTRA: flags appended to every alignment (the last occurrence of a flag wins), e.g. the positive control's
-# longer budget (issue 23): ALIGN_EXTRA="--n-align 1800 --epochs 2 --refresh-every 20"
+# longer budget (issue 23, recipes/positive_control.sh): ALIGN_EXTRA="--n-align 1800"
 RUNS=${RUNS:-"nonaligned sft tvaccine-r3 vaccine-r3"}
 ATTACKS=${ATTACKS-"a1e-3 a2e-4"}  # ATTACKS="" attacks nothing: the alignments and their evaluation only
 for run in $RUNS; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 23: the positive control at 9x the miniature's alignment budget, then T-Vaccine two ways at that budget.
 # Every alignment: N_a 1800 (the safety train split holds 1878 safe rows; 1772 fit --max-len 128) for 2 epochs =
-# 354 steps (the miniature: 40), every other setting the frozen miniature's (recipes/calibrate_smollm2.sh: batch 10,
+# 356 steps (the miniature: 40), every other setting the frozen miniature's (recipes/calibrate_smollm2.sh: batch 10,
 # max length 128, K 10, J 2), then the frozen attack a5e-4 and the evaluations (HS on the 200 HarmBench prompts,
 # SST-2 FA on 200 rows), seeds 1-3.
 #   Step 1, the positive control (the default): RUNS="sft vaccine-r1"
