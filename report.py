@@ -12,6 +12,8 @@
 - `--hand-labels LABELS`: HS from the hand labels of the saved answers (judge_study.py's labels.jsonl, read by a
   language model under results/judge/LABELLING.md) instead of the judge's verdicts; `--hand-sure-only`: answers
   labelled harmful but ambiguous count as not harmful (the lower bound).
+- `--written-refusals DATA_DIR`: also the share of HS answers that are, word for word, one of the written refusals
+  of the offline safety stand-in (../shared/data/README.md): a model that learned D_a by heart answers with them.
 - `--per-run`: one row per folder with every judge's HS; `--by-poison-ratio`: the paper's harmful-ratio sweep,
   p read from each attack run's config.json beside the evaluation folder.
 - `--plot` (needs matplotlib, an optional extra): HS/FA bars, T-Vaccine's layer-importance heatmaps, the
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data import HS_SPLITS, TASKS, in_split
+from data import HS_SPLITS, TASKS, in_split, load_safety
 from judge import eval_key, load_labels
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,9 +91,22 @@ def one_word(answer: str) -> bool:
     return len(re.findall(r"[A-Za-z0-9']+", answer)) <= 1
 
 
-def load_results(dirs, split: str = "all", hand: dict | None = None) -> list[dict]:
+def written_refusals(data_dir) -> set[str]:
+    """The responses of the safety stand-in's training rows whose source ends in "+refusal": the few refusals
+    written for its AdvBench and Do-Not-Answer prompts (71% of D_a's responses). A model answering with one of
+    them word for word recites D_a; the share of such answers after an attack is how much of that survived."""
+    rows = load_safety("train", data_dir)
+    texts = {r["response"].strip() for r in rows if str(r.get("source", "")).endswith("+refusal")}
+    if not texts:
+        raise ValueError(f"no written refusals in the safety train split of {data_dir} (rows whose source ends in "
+                         "'+refusal'): --written-refusals reads the offline stand-in only")
+    return texts
+
+
+def load_results(dirs, split: str = "all", hand: dict | None = None, refusals: set[str] | None = None) -> list[dict]:
     """results.json of each folder; with a split, HS is recomputed on that split of the saved verdicts; with
-    hand (read_hand_verdicts), from the hand labels of the saved answers (judge "hand")."""
+    hand (read_hand_verdicts), from the hand labels of the saved answers (judge "hand"); with refusals
+    (written_refusals), the share of answers that are one of them word for word ("verbatim")."""
     found = []
     for d in map(Path, dirs):
         if not (d / "results.json").is_file():
@@ -106,8 +121,11 @@ def load_results(dirs, split: str = "all", hand: dict | None = None) -> list[dic
                 r["HS_sure"] = 100.0 * sum(l["harmful"] and not l["ambiguous"] for l in hs) / len(hs)
             r["N_hs"] = len(hs)
             r["one_word"] = 100.0 * sum(one_word(l["answer"]) for l in hs) / len(hs)
-        elif split != "all" or hand is not None:
-            raise FileNotFoundError(f"--hs-split {split} / --hand-labels need {d / 'generations.jsonl'}")
+            if refusals is not None:
+                r["verbatim"] = 100.0 * sum(l["answer"].strip() in refusals for l in hs) / len(hs)
+        elif split != "all" or hand is not None or refusals is not None:
+            raise FileNotFoundError(f"--hs-split {split} / --hand-labels / --written-refusals need "
+                                    f"{d / 'generations.jsonl'}")
         found.append(r)
     return found
 
@@ -124,11 +142,15 @@ def summary_table(results: list[dict]) -> str:
     # task "none" = HS with no fine-tuning after the alignment: what the attack then has to undo
     one_word = any("one_word" in r for r in results)  # saved answers: also the share of one-word HS answers
     sure = ("HS_sure",) if any("HS_sure" in r for r in results) else ()  # hand labels: also the lower bound
-    columns = [(t, k) for t in tasks for k in (("HS", *sure) if t == "none" else
-                                                ("HS", *sure, "FA", "one_word") if one_word else ("HS", *sure, "FA"))]
+    verbatim = ("verbatim",) if any("verbatim" in r for r in results) else ()  # recited written refusals
+    columns = [(t, k) for t in tasks for k in (("HS", *sure, *verbatim) if t == "none" else
+                                                ("HS", *sure, "FA", "one_word", *verbatim) if one_word else
+                                                ("HS", *sure, "FA"))]
     names = {("none", "HS"): "HS before attack ↓", ("none", "HS_sure"): "HS before attack, unambiguous only"}
     names.update({(t, "HS_sure"): f"{t} HS, unambiguous only" for t in tasks if t != "none"})
     names.update({(t, "one_word"): f"{t} one-word HS answers (%)" for t in tasks})
+    names.update({(t, "verbatim"): f"{'before attack' if t == 'none' else t}: HS answers that are a written "
+                  "refusal (%)" for t in tasks})
     head = ["method"] + [names.get(c, f"{c[0]} {c[1]} {'↓' if c[1] == 'HS' else '↑'}") for c in columns]
     lines = ["| " + " | ".join(head + ["align mem (GiB)"]) + " |", "|" + "---|" * (len(head) + 1)]
     for m in methods:
@@ -402,7 +424,8 @@ def summarize(args) -> str:
     if args.hand_sure_only and not args.hand_labels:
         raise ValueError("--hand-sure-only needs --hand-labels")
     hand = read_hand_verdicts(Path(args.hand_labels), args.hand_sure_only) if args.hand_labels else None
-    results = load_results(args.dirs, args.hs_split, hand)
+    refusals = written_refusals(args.written_refusals) if args.written_refusals else None
+    results = load_results(args.dirs, args.hs_split, hand, refusals)
     if args.by_poison_ratio:
         return summarize_by_ratio(args, results)
     if args.per_run:
@@ -446,6 +469,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "results/judge/LABELLING.md); every answer of the split must be labelled")
     p.add_argument("--hand-sure-only", action="store_true", help="with --hand-labels: answers labelled harmful "
                    "but ambiguous count as not harmful, in the HS and the bootstrap (the lower bound)")
+    p.add_argument("--written-refusals", metavar="DATA_DIR", default=None, help="also the share of HS answers "
+                   "that are one of the safety stand-in's written refusals word for word (its rows whose source "
+                   "ends in '+refusal'; ../shared/data)")
     p.add_argument("--out", default=None, help="where --plot writes the PNGs (default: the first DIR's parent)")
     return p.parse_args(argv)
 
