@@ -205,13 +205,19 @@ def set_trainable_layers(model, layers: Iterable[int] | None, freeze: str = "lay
 
 
 @torch.no_grad()
-def lora_update_norms(model) -> list[float]:
+def lora_update_norms(model, part: str | None = None) -> list[float]:
     """Per adapted layer, how far training moved it: sqrt(sum over its targets of ||(alpha/r) B A||_F^2).
 
     The weight update itself, not the factors (B A is invariant to rescaling A up and B down). Layers that
-    T-Vaccine never sampled keep B = 0 and read exactly 0."""
+    T-Vaccine never sampled keep B = 0 and read exactly 0. part ("self_attn" or "mlp"): that sub-block's
+    targets only (the authors' freezing rule trains the two differently)."""
+    if part not in (None, *TARGETS.values()):
+        raise ValueError(f"part must be one of {sorted(set(TARGETS.values()))} or None, got {part!r}")
     norms = []
     for l, mods in sorted(_index(model).items()):
+        if part is not None:
+            inside = {id(m) for m in getattr(model.layers[l], part).modules()}
+            mods = [m for m in mods if id(m) in inside]
         sq = sum(float((m.scaling * m.lora_B.weight.float() @ m.lora_A.weight.float()).pow(2).sum()) for m in mods)
         norms.append(sq ** 0.5)
     return norms

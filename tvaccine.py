@@ -272,7 +272,9 @@ def main(argv=None):
     elif dist.is_main():
         save_adapter(model, run.path / "adapter", base_model_name_or_path=args.model)
     summary.update(method=args.method, model=args.model, n_layers=n_layers,
-                   lora_update_norm_per_layer=lora_update_norms(model))  # which layers training really moved
+                   lora_update_norm_per_layer=lora_update_norms(model),  # which layers training really moved
+                   lora_update_norm_per_layer_attention=lora_update_norms(model, "self_attn"),
+                   lora_update_norm_per_layer_mlp=lora_update_norms(model, "mlp"))
     if dist.parallel():
         summary.update(processes=dist.world_size(), fsdp=args.fsdp)
     run.write_summary(summary)

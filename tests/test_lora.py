@@ -129,6 +129,7 @@ def test_update_norms_are_the_merged_weight_changes_per_layer(tiny_checkpoint):
                 if isinstance(child, LoRALinear):
                     child.lora_B.weight.zero_()
     norms = lora_update_norms(model)
+    part_norms = {part: lora_update_norms(model, part) for part in ("self_attn", "mlp")}
     before = {k: v.double() for k, v in snapshot(model).items() if k.endswith(".weight") and "lora_" not in k}
     merge_lora(model)
     after = {k: v.double() for k, v in model.state_dict().items() if k in before}
@@ -136,6 +137,12 @@ def test_update_norms_are_the_merged_weight_changes_per_layer(tiny_checkpoint):
              ** 0.5 for l in range(len(model.layers))]
     assert norms[2] == 0.0 and norms[0] > 0
     assert norms == pytest.approx(moved, rel=1e-5)  # fp32 weights + fp32 update, rounded once in the merge
+    for part in ("self_attn", "mlp"):  # each sub-block's own targets: the same reference on its keys only
+        moved_part = [sum(float((after[k] - before[k]).pow(2).sum()) for k in before
+                          if k.startswith(f"layers.{l}.{part}.")) ** 0.5 for l in range(len(model.layers))]
+        assert part_norms[part] == pytest.approx(moved_part, rel=1e-5)
+    with pytest.raises(ValueError, match="part must be one of"):
+        lora_update_norms(model, "attention")
 
 
 def test_lora_dtype_fp32_over_bf16_base(tiny_checkpoint):

@@ -276,6 +276,23 @@ def test_resume_after_interrupt_gives_bitwise_the_same_adapter(tiny_checkpoint, 
     assert summary["steps"] == 12 and summary["peak_memory_bytes"] > 0
 
 
+@pytest.mark.parametrize("freeze", ["layers", "attention"])
+def test_summary_splits_each_layers_update_by_sub_block_as_the_freezing_rule_trains_them(tiny_checkpoint, tmp_path,
+                                                                                      freeze):
+    """One S of one layer for the whole run (gamma 1, never resampled): attention moves in that layer only; the
+    MLP in every layer under the authors' rule, in that layer only under the paper's; the parts make the whole."""
+    folder, _ = tiny_checkpoint("llama", layers=4)
+    out = tmp_path / freeze
+    tvaccine.main(cli_args(folder, write_safety(tmp_path / "data"), out, "--freeze", freeze, "--gamma", "1",
+                           "--resample-every", "1000", "--epochs", "1"))
+    (S,) = {tuple(json.loads(line)["layers"]) for line in (out / "metrics.jsonl").read_text().splitlines()}
+    summary = json.loads((out / "summary.json").read_text())
+    total, attn, mlp = (summary[f"lora_update_norm_per_layer{k}"] for k in ("", "_attention", "_mlp"))
+    assert [a > 0 for a in attn] == [l in S for l in range(4)]
+    assert [m > 0 for m in mlp] == [freeze == "attention" or l in S for l in range(4)]
+    assert total == pytest.approx([(a * a + m * m) ** 0.5 for a, m in zip(attn, mlp)], rel=1e-6)
+
+
 def test_outputs_of_each_method(tiny_checkpoint, tmp_path):
     folder, _ = tiny_checkpoint("qwen2", layers=3)
     data_dir = write_safety(tmp_path / "data")
