@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,18 +42,37 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # The adapted linear
 
 
-def lora_dropout(x, p: float, training: bool):
-    """Inverted dropout, as nn.Dropout. On the CPU, uniform draws + a comparison are twice as fast as the
-    bernoulli_ that F.dropout uses, and LoRA dropout (7 inputs per layer, each pass) is a fifth of a CPU step.
-    GPU (and meta, which stands for it in bench.py) keep F.dropout's fused kernel."""
+def keep_mask(shape, p: float) -> torch.Tensor:
+    """A boolean mask, each element True (kept) with probability 1 - p, for LoRA dropout on the CPU.
+
+    torch's CPU RNG (mt19937, one fp32 per element) made LoRA dropout a tenth of a CPU step: 7 inputs per layer
+    and pass. Here each element is one 32-bit word of numpy's SFC64 (two per 64-bit output, about 6x cheaper),
+    kept when it is >= round(p * 2**32), so P(drop) = p within 2**-33 (fp32 uniforms: 2**-24). The generator
+    is seeded from torch's, so torch.manual_seed and the RNG state a checkpoint saves still fix every mask."""
+    n = math.prod(shape)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    words = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return torch.from_numpy(words >= round(p * 2**32)).view(shape)
+
+
+def drop_lora_input(x, p: float, training: bool) -> tuple[torch.Tensor, float]:
+    """LoRA dropout on the input x, as (dropped x, factor): inverted dropout is dropped x * factor.
+
+    On the CPU the factor 1/(1-p) is left to the caller, who applies it to the rank-r tensor (r << features):
+    x * mask is then exact in any dtype and one full-size product per input and pass is spared. GPU (and meta,
+    which stands for it in bench.py) keep F.dropout's fused kernel, scaling included."""
     if not training or p == 0:
-        return x
+        return x, 1.0
     if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    # 1/(1-p) with probability 1-p, else 0. Drawn in fp32 whatever x's dtype: bf16 uniforms are too coarse
-    # (P(drop) would be 0.102, not 0.1). The product is rounded once to x's dtype, as a GPU kernel does.
-    keep = torch.rand(x.shape, device=x.device).ge_(p).mul_(1 / (1 - p))
-    return (x * keep).to(x.dtype)
+        return F.dropout(x, p, training=True), 1.0
+    return x * keep_mask(x.shape, p).to(x.dtype), 1 / (1 - p)  # bool * bf16 has no fast kernel: cast first
+
+
+def lora_dropout(x, p: float, training: bool):
+    """Inverted dropout as nn.Dropout (kept elements times 1/(1-p), rounded once to x's dtype), with the same
+    draw LoRALinear makes after the same seed."""
+    dropped, factor = drop_lora_input(x, p, training)
+    return dropped if factor == 1.0 else (dropped.float() * factor).to(x.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -85,12 +105,13 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         if self.merged or self.disabled:
             return y
-        a = lora_dropout(x, self.dropout, self.training)
+        a, keep_factor = drop_lora_input(x, self.dropout, self.training)
+        scale = self.scaling * keep_factor  # applied to the rank-r tensor: r << in, out
         if self.math_in_input_dtype:
             A, B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-            return y + F.linear(F.linear(a, A) * self.scaling, B)
+            return y + F.linear(F.linear(a, A) * scale, B)
         a = a.to(self.lora_A.weight.dtype)  # fp32 factors: fp32 math
-        return y + self.lora_B(self.lora_A(a) * self.scaling).to(y.dtype)  # scale the rank-r tensor: r << out
+        return y + self.lora_B(self.lora_A(a) * scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

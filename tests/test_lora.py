@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora import (LoRALinear, apply_lora, disable_lora, load_adapter, lora_dropout, lora_modules, lora_parameters,
+from lora import (LoRALinear, apply_lora, disable_lora, drop_lora_input, keep_mask, load_adapter, lora_dropout, lora_modules, lora_parameters,
                   lora_update_norms, merge_and_unload, merge_lora, save_adapter, save_stacked_adapter,
                   set_trainable_layers)
 from model import load_model
@@ -61,6 +61,37 @@ def test_lora_dropout_is_inverted_dropout_with_probability_p(dtype):
     y.float().sum().backward()
     torch.testing.assert_close(x.grad, (y.detach().float() / 2.0).to(dtype))  # dy/dx = mask / (1-p), by hand
     assert lora_dropout(x, p, training=False) is x and lora_dropout(x, 0.0, training=True) is x
+
+
+def test_keep_mask_keeps_with_probability_1_minus_p_and_follows_torch_seed():
+    p, shape = 0.1, (7, 333, 431)  # an odd element count: the last 64-bit word is half used
+    torch.manual_seed(3)
+    first, second = keep_mask(shape, p), keep_mask(shape, p)
+    n = first.numel()
+    assert first.shape == shape and first.dtype == torch.bool
+    for mask in (first, second):
+        dropped = 1 - mask.float().mean().item()
+        assert abs(dropped - p) < 4 * (p * (1 - p) / n) ** 0.5  # binomial: within 4 sigma
+    assert not torch.equal(first, second)  # each call draws afresh
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(shape, p), first)  # torch's seed (and a checkpoint's RNG state) fixes the masks
+    torch.manual_seed(4)
+    assert not torch.equal(keep_mask(shape, p), first)
+    assert keep_mask(shape, 0.0).all()  # threshold 0: every word is kept
+
+
+def test_drop_lora_input_zeroes_elements_and_leaves_the_factor_to_the_caller():
+    p = 0.25
+    x = (torch.rand(4000, dtype=torch.float64) + 1).to(torch.bfloat16).requires_grad_()  # no zeros in x
+    y, factor = drop_lora_input(x, p, training=True)
+    assert factor == 1 / (1 - p) and y.dtype == x.dtype
+    kept = y != 0
+    assert torch.equal(y[kept], x.detach()[kept])  # kept elements untouched: exact in bf16
+    y.float().sum().backward()
+    assert torch.equal(x.grad, kept.to(x.dtype))  # dy/dx = the mask, by hand
+    for training, prob in ((False, p), (True, 0.0)):  # no dropout: x itself, factor 1
+        same, one = drop_lora_input(x, prob, training)
+        assert same is x and one == 1.0
 
 
 def test_lora_forward_with_dropout_is_the_hand_formula():
