@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora import (LoRALinear, apply_lora, disable_lora, drop_lora_input, keep_mask, load_adapter, lora_dropout, lora_modules, lora_parameters,
-                  lora_update_norms, merge_and_unload, merge_lora, save_adapter, save_stacked_adapter,
-                  set_trainable_layers)
+from lora import (LoRALinear, apply_lora, disable_lora, drop_lora_input, keep_mask, load_adapter, lora_dropout,
+                  lora_modules, lora_parameters, lora_update_norms, merge_and_unload, merge_lora, save_adapter,
+                  save_stacked_adapter, set_trainable_layers)
 from model import load_model
 from weights import CheckpointError
 
