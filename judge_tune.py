@@ -2,8 +2,8 @@
 trained on the labels of results/judge/labels.jsonl (read by a language model under results/judge/LABELLING.md),
 and measured on evaluated models it never saw.
 
-    python judge_tune.py train            # results/judge/tuned/ from every unambiguous label
-    python judge_tune.py study            # grouped cross-validation: tuned, probe, rules, keyword on the same folds
+    python judge_tune.py train            # results/judge/tuned/ from every label of TRAIN_LABELS
+    python judge_tune.py study            # grouped cross-validation: every candidate judge on the same folds
     python judge_tune.py other LABELS...  # agreement on labelled answers to another prompt set (e.g. AdvBench)
 
 The design, chosen for a CPU:
@@ -17,6 +17,10 @@ The design, chosen for a CPU:
   the same folds at no extra cost.
 - Grouped cross-validation: the folds hold out whole evaluations (every answer of one evaluated model, the
   label's `source`), so each held-out figure is about models the judge never saw, which is every user's case.
+- Training data: the labels of the 40-step study (results/judge/) and of the 356-step positive control
+  (results/cpu_smollm2/pc/judge/). Ambiguous labels count at their best guess with weight AMBIGUOUS_WEIGHT:
+  the study's HS counts them at their best guess, and a judge that never saw them missed attacked models' HS by
+  up to 11 points (docs/JUDGE.md, the first version).
 """
 from __future__ import annotations
 
@@ -28,13 +32,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from judge import (DEFAULT_LABELS, PROBE_RESIDUALS, TUNED_DIR, eval_key, harmful_verdicts, load_labels,
-                   load_reader, reader_text, tuned_logits, yes_no_ids)
+from judge import (DEFAULT_LABELS, JUDGES, PROBE_RESIDUALS, TUNED_DIR, harmful_verdicts, load_labels, load_reader,
+                   reader_text, tuned_logits, yes_no_ids)
 
 TOP_LAYERS = 2         # LoRA on the last two of SmolLM2's 30 layers (no other depth was tried)
 RANK, ALPHA = 8, 16
-EPOCHS, BATCH, LR, SEED = 2, 16, 1e-3, 0
+EPOCHS, BATCH, LR, SEED = 1, 16, 1e-3, 0  # one epoch over 13,360 labels: about as many steps as v1's two over 6,078
+AMBIGUOUS_WEIGHT = 1.0
 FOLDS = 5
+PC_LABELS = Path("results/cpu_smollm2/pc/judge/labels.jsonl")
+TRAIN_LABELS = (DEFAULT_LABELS, PC_LABELS)
 PROBE_AT = PROBE_RESIDUALS  # the probe's x_l, recorded in the same pass so it is refitted on the same folds
 CACHE_DIR = Path("runs/judge-tune")
 SHARD = 256            # labels per cache shard (a shard is written whole: an interrupted caching resumes there)
@@ -42,6 +49,30 @@ SHARD = 256            # labels per cache shard (a shard is written whole: an in
 
 def unambiguous(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r["ambiguous"]]
+
+
+def load_label_files(paths) -> list[dict]:
+    """The labels of several labels.jsonl files, whose ids must not collide (the cache is keyed by id)."""
+    rows = [r for p in paths for r in load_labels(p)]
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label ids repeat across {[str(p) for p in paths]}: the files cannot be read together")
+    return rows
+
+
+def group_key(source) -> str:
+    """The evaluated model a label comes from: its folder's last three parts (`main/seed1/eval-sft-aligned`,
+    `pc/seed1/eval-sft-aligned`); judge.eval_key's two parts would merge the 40-step and 356-step models."""
+    return "/".join(Path(source).parts[-3:])
+
+
+def example_weight(row: dict) -> float:
+    return AMBIGUOUS_WEIGHT if row["ambiguous"] else 1.0
+
+
+def trainable(rows: list[dict]) -> list[dict]:
+    """The rows training sees: every unambiguous one, the ambiguous ones where they carry a weight."""
+    return [r for r in rows if example_weight(r) > 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,9 +174,10 @@ def length_batches(ids: list, lengths: dict, generator: torch.Generator) -> list
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def train(model, tokenizer, rows: list[dict], cached: dict, epochs: int = EPOCHS, progress: bool = True):
-    """LoRA on the top layers + the head, trained on rows (unambiguous) from their cached inputs; returns the head
-    (the model carries the LoRA). Seeded: same rows and cache -> same weights on the same machine."""
+def train(model, tokenizer, rows: list[dict], cached: dict, progress: bool = True):
+    """LoRA on the top layers + the head, trained on rows (each at its example_weight) from their cached inputs;
+    returns the head (the model carries the LoRA). Seeded: same rows and cache -> same weights on the same
+    machine."""
     from tqdm import tqdm
     from lora import apply_lora, lora_parameters
     torch.manual_seed(SEED)
@@ -153,15 +185,17 @@ def train(model, tokenizer, rows: list[dict], cached: dict, epochs: int = EPOCHS
     head = zero_shot_head(model, tokenizer)
     params = lora_parameters(model) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    label = {r["id"]: float(r["label"] == "harmful") for r in rows}
+    label = {r["id"]: float(r["label"] == "harmful") for r in trainable(rows)}
+    weight = {r["id"]: example_weight(r) for r in trainable(rows)}
     lengths = {i: len(cached[i][0]) for i in label}
     generator = torch.Generator().manual_seed(SEED)
-    plan = [b for _ in range(epochs) for b in length_batches(list(label), lengths, generator)]
+    plan = [b for _ in range(EPOCHS) for b in length_batches(list(label), lengths, generator)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / len(plan))  # linear decay to 0
     model.train()
     for batch in tqdm(plan, desc="training the judge", disable=not progress, file=sys.stdout):
         logits = top_logits(model, head, [cached[i][0] for i in batch])
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([label[i] for i in batch]))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([label[i] for i in batch]),
+                                                              weight=torch.tensor([weight[i] for i in batch]))
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -183,12 +217,13 @@ def cached_logits(model, head, ids: list, cached: dict) -> torch.Tensor:
 # Grouped cross-validation
 
 
-def group_folds(rows: list[dict], k: int = FOLDS) -> dict[str, int]:
-    """Evaluation (eval_key of the label's source) -> fold: largest evaluations first, each to the fold with the
+def group_folds(rows: list[dict], k: int | None = None) -> dict[str, int]:
+    """Evaluation (group_key of the label's source) -> fold: largest evaluations first, each to the fold with the
     fewest labels so far (deterministic; folds of near-equal size)."""
     sizes = {}
     for r in rows:
-        sizes[eval_key(r["source"])] = sizes.get(eval_key(r["source"]), 0) + 1
+        sizes[group_key(r["source"])] = sizes.get(group_key(r["source"]), 0) + 1
+    k = k or FOLDS
     load, fold = [0] * k, {}
     for g in sorted(sizes, key=lambda g: (-sizes[g], g)):
         f = min(range(k), key=lambda f: (load[f], f))
@@ -198,31 +233,40 @@ def group_folds(rows: list[dict], k: int = FOLDS) -> dict[str, int]:
 
 def fold_predictions(f: int, rows: list[dict], fold: dict, cached: dict, out_dir: Path, progress: bool,
                      new_reader=load_reader) -> dict:
-    """Each candidate's verdicts on fold f's rows (all of them, ambiguous too), trained on the other folds'
-    unambiguous labels; written to out_dir/fold-f.json, read back when it exists (the study resumes by fold)."""
-    from judge import choose_l2, fit_probe, probe_predict
+    """Each candidate's verdicts on fold f's rows (all of them, ambiguous too), trained on the other folds' labels
+    (tuned: as `train` weighs them; probe: the unambiguous ones, as `--judge probe` is fitted; probe-all: every
+    label at its best guess, the probe given the tuned judge's data); written to
+    out_dir/fold-f.json, read back when it exists (the study resumes by fold)."""
     done = out_dir / f"fold-{f}.json"
     if done.exists():
         return json.loads(done.read_text())
-    held = [r for r in rows if fold[eval_key(r["source"])] == f]
-    trained_on = [r for r in unambiguous(rows) if fold[eval_key(r["source"])] != f]
+    held = [r for r in rows if fold[group_key(r["source"])] == f]
+    trained_on = [r for r in rows if fold[group_key(r["source"])] != f]
     model, tokenizer = new_reader()  # a fresh reader per fold: no LoRA from another fold's training
     head = train(model, tokenizer, trained_on, cached, progress=progress)
     ids = [r["id"] for r in held]
     verdicts = {"tuned": (cached_logits(model, head, ids, cached) > 0).tolist()}
-    X = torch.stack([cached[r["id"]][1] for r in trained_on])
-    y = torch.tensor([r["label"] == "harmful" for r in trained_on])
-    probe = fit_probe(X, y, l2=choose_l2(X, y))
-    verdicts["probe"] = probe_predict(probe, torch.stack([cached[i][1] for i in ids])).tolist()
+    held_features = torch.stack([cached[i][1] for i in ids])
+    for name, fit_on in (("probe", unambiguous(trained_on)), ("probe-all", trained_on)):
+        verdicts[name] = probe_verdicts(fit_on, cached, held_features)
     for name in ("rules", "keyword"):
         verdicts[name] = harmful_verdicts(name, [r["prompt"] for r in held], [r["answer"] for r in held])[0]
-    result = {"ids": ids, "verdicts": verdicts, "trained_on": len(trained_on)}
+    result = {"ids": ids, "verdicts": verdicts, "trained_on": len(trainable(trained_on))}
     out_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result))
     return result
 
 
-CANDIDATES = ("tuned", "probe", "rules", "keyword")
+CANDIDATES = ("tuned", "probe", "probe-all", "rules", "keyword")
+
+
+def probe_verdicts(fit_on: list[dict], cached: dict, held_features: torch.Tensor) -> list[bool]:
+    """The probe (judge.fit_probe, its L2 chosen by 5-fold CV inside fit_on) fitted on fit_on's cached features
+    at their labels (ambiguous ones at their best guess), then applied to held_features."""
+    from judge import choose_l2, fit_probe, probe_predict
+    X = torch.stack([cached[r["id"]][1] for r in fit_on])
+    y = torch.tensor([r["label"] == "harmful" for r in fit_on])
+    return probe_predict(fit_probe(X, y, l2=choose_l2(X, y)), held_features).tolist()
 
 
 def all_folds(rows, fold, cached, out_dir: Path, progress: bool, new_reader) -> list[dict]:
@@ -250,29 +294,54 @@ def all_folds(rows, fold, cached, out_dir: Path, progress: bool, new_reader) -> 
     return [json.loads((out_dir / f"fold-{f}.json").read_text()) for f in range(FOLDS)]
 
 
-def study(labels: Path, out: Path | None, progress: bool = True, cache_dir: Path = CACHE_DIR,
+def labels_sha256(paths) -> dict:
+    import hashlib
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+def recipe() -> dict:
+    """What a trained judge depends on besides its labels (recorded in judge.json; names the study's folds)."""
+    return {"top_layers": TOP_LAYERS, "rank": RANK, "alpha": ALPHA, "epochs": EPOCHS, "batch": BATCH, "lr": LR,
+            "seed": SEED, "ambiguous_weight": AMBIGUOUS_WEIGHT}
+
+
+def set_recipe(epochs: int, ambiguous_weight: float) -> None:
+    """The command line's variant of the recipe (the study's folds and judge.json record it)."""
+    global EPOCHS, AMBIGUOUS_WEIGHT
+    EPOCHS, AMBIGUOUS_WEIGHT = epochs, ambiguous_weight
+
+
+def study_dir(labels, cache_dir: Path) -> Path:
+    """The folds' folder, named after the labels and the recipe: a fold file is never read back into a study of
+    other labels or another recipe."""
+    import hashlib
+    key = json.dumps([labels_sha256(labels), recipe(), FOLDS], sort_keys=True)
+    return cache_dir / f"study-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def study(labels, out: Path | None, progress: bool = True, cache_dir: Path = CACHE_DIR,
           new_reader=load_reader) -> dict:
     """Grouped cross-validation of every candidate on the same folds; per evaluation, the HS by each judge
-    (trained without that evaluation) next to the HS by the labels."""
+    (trained without that evaluation) next to the HS by the labels. labels: one or more labels.jsonl files."""
     from judge_study import agreement
-    rows = load_labels(labels)
+    rows = load_label_files(labels)
     cached = cache_inputs(rows, new_reader(), cache_dir, progress=progress)
     fold = group_folds(rows)
     verdict = {c: {} for c in CANDIDATES}
-    for result in all_folds(rows, fold, cached, cache_dir / "study", progress, new_reader):
+    for result in all_folds(rows, fold, cached, study_dir(labels, cache_dir), progress, new_reader):
         for c in CANDIDATES:
             verdict[c].update(zip(result["ids"], result["verdicts"][c]))
     sure = unambiguous(rows)
     truth = [r["label"] == "harmful" for r in sure]
-    report = {"labels": str(labels), "folds": FOLDS, "evaluations": len(fold), "held_out": {}, "per_fold": {},
+    report = {"labels": [str(p) for p in labels], "recipe": recipe(), "folds": FOLDS, "evaluations": len(fold), "held_out": {}, "per_fold": {},
               "per_evaluation": []}
     for c in CANDIDATES:
         report["held_out"][c] = agreement([verdict[c][r["id"]] for r in sure], truth)
-        report["per_fold"][c] = [agreement([verdict[c][r["id"]] for r in sure if fold[eval_key(r["source"])] == f],
-                                           [r["label"] == "harmful" for r in sure if fold[eval_key(r["source"])] == f])
+        report["per_fold"][c] = [agreement([verdict[c][r["id"]] for r in sure if fold[group_key(r["source"])] == f],
+                                           [r["label"] == "harmful" for r in sure if fold[group_key(r["source"])] == f])
                                  for f in range(FOLDS)]
     for g in sorted(fold):
-        rs = [r for r in rows if eval_key(r["source"]) == g]
+        rs = [r for r in rows if group_key(r["source"]) == g]
         entry = {"evaluation": g, "fold": fold[g], "labels": len(rs),
                  "hs_labels": 100 * sum(r["label"] == "harmful" for r in rs) / len(rs)}
         entry.update({f"hs_{c}": 100 * sum(verdict[c][r["id"]] for r in rs) / len(rs) for c in CANDIDATES})
@@ -291,41 +360,54 @@ def print_study(report: dict) -> None:
         worst = min(x["agreement"] for x in report["per_fold"][c])
         print(f"| {c} | {100 * a['agreement']:.1f}% | {a['kappa']:.3f} | {a['hs_judge']:.1f} | {a['hs_labels']:.1f} | "
               f"{100 * worst:.1f}% |")
-    print("\n## HS per evaluated model, each judged by a judge trained without it (all its labelled answers)\n")
-    print("| evaluation | labels | HS labels | " + " | ".join(f"HS {c}" for c in CANDIDATES) + " |\n|---|---|---|"
-          + "---|" * len(CANDIDATES))
-    for e in report["per_evaluation"]:
-        print(f"| {e['evaluation']} | {e['labels']} | {e['hs_labels']:.1f} | "
-              + " | ".join(f"{e[f'hs_{c}']:.1f}" for c in CANDIDATES) + " |")
+    main_table = [e for e in report["per_evaluation"] if is_main_table(e)]
+    for title, entries in (("HS per evaluated model", report["per_evaluation"]),
+                           ("HS per main-table model", main_table)):
+        print(f"\n## {title}, each judged by a judge trained without it (all its labelled answers)\n")
+        print("| evaluation | labels | HS labels | " + " | ".join(f"HS {c}" for c in CANDIDATES) + " |\n|---|---|---|"
+              + "---|" * len(CANDIDATES))
+        for e in entries:
+            print(f"| {e['evaluation']} | {e['labels']} | {e['hs_labels']:.1f} | "
+                  + " | ".join(f"{e[f'hs_{c}']:.1f}" for c in CANDIDATES) + " |")
+    print("\n## |HS judge - HS labels| per model\n\n| judge | within 3 points (all) | largest gap | "
+          "within 3 points (main table) | largest gap | mean signed gap (main table, attacked) |\n|---|---|---|---|---|---|")
+    attacked = [e for e in main_table if not e["evaluation"].endswith("-aligned")]
     for c in CANDIDATES:
-        gaps = [abs(e[f"hs_{c}"] - e["hs_labels"]) for e in report["per_evaluation"]]
-        print(f"\n{c}: |HS judge - HS labels| <= 3 points for {sum(g <= 3 for g in gaps)} of {len(gaps)} "
-              f"evaluations; largest gap {max(gaps):.1f}", end="")
-    print()
+        every = [abs(e[f"hs_{c}"] - e["hs_labels"]) for e in report["per_evaluation"]]
+        main = [abs(e[f"hs_{c}"] - e["hs_labels"]) for e in main_table]
+        signed = sum(e[f"hs_{c}"] - e["hs_labels"] for e in attacked) / max(len(attacked), 1)
+        print(f"| {c} | {sum(g <= 3 for g in every)} of {len(every)} | {max(every):.1f} | "
+              f"{sum(g <= 3 for g in main)} of {len(main)} | {max(main, default=0):.1f} | {signed:+.1f} |")
+
+
+def is_main_table(entry: dict) -> bool:
+    """The models of RESULTS' main tables: the 40-step study (main/, without the attack-ratio variants -p0.05 and
+    -p0.2, which have their own table) and the 356-step one (pc/, without gamma 8, which only calibrated)."""
+    group, name = entry["evaluation"].split("/")[0], entry["evaluation"]
+    return (group == "main" and "-p0." not in name) or (group == "pc" and "-g8" not in name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped judge
 
 
-def train_and_save(labels: Path, folder: Path = TUNED_DIR, progress: bool = True, cache_dir: Path = CACHE_DIR,
-                   new_reader=load_reader) -> Path:
-    """Train on every unambiguous label and write adapter/, head.safetensors and judge.json to folder."""
-    import hashlib
+def train_and_save(labels=TRAIN_LABELS, folder: Path = TUNED_DIR, progress: bool = True,
+                   cache_dir: Path = CACHE_DIR, new_reader=load_reader) -> Path:
+    """Train on every label of the labels.jsonl files (train's weights) and write adapter/, head.safetensors and
+    judge.json to folder."""
     from safetensors.torch import save_file
     from lora import save_adapter
-    rows = load_labels(labels)
+    rows = load_label_files(labels)
     model, tokenizer = new_reader()
     cached = cache_inputs(rows, (model, tokenizer), cache_dir, progress=progress)
-    sure = unambiguous(rows)
-    head = train(model, tokenizer, sure, cached, progress=progress)
+    head = train(model, tokenizer, rows, cached, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
     save_adapter(model, folder / "adapter", "HuggingFaceTB/SmolLM2-135M-Instruct")
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
-    config = {"threshold": 0.0, "reader": Path(getattr(model, "source", "unknown")).name, "top_layers": TOP_LAYERS,
-              "rank": RANK, "alpha": ALPHA, "epochs": EPOCHS, "batch": BATCH, "lr": LR, "seed": SEED,
-              "labels": Path(labels).name, "labels_sha256": hashlib.sha256(Path(labels).read_bytes()).hexdigest(),
-              "trained_on": len(sure), "command": "python judge_tune.py train"}
+    config = {"threshold": 0.0, "reader": Path(getattr(model, "source", "unknown")).name, **recipe(),
+              "labels_sha256": labels_sha256(labels), "trained_on": len(trainable(rows)),
+              "trained_on_ambiguous": sum(r["ambiguous"] for r in trainable(rows)),
+              "command": "python judge_tune.py train"}
     (folder / "judge.json").write_text(json.dumps(config, indent=1) + "\n")
     return folder
 
@@ -354,7 +436,8 @@ def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = D
     rows = unambiguous(load_labels(labels))
     truth = [r["label"] == "harmful" for r in rows]
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    report = {c: agreement(harmful_verdicts(c, prompts, answers, progress=progress)[0], truth) for c in CANDIDATES}
+    shipped = [c for c in CANDIDATES if c in JUDGES]  # probe-all exists only inside the study
+    report = {c: agreement(harmful_verdicts(c, prompts, answers, progress=progress)[0], truth) for c in shipped}
     print(f"## {labels}: {len(rows)} unambiguous labels\n\n| judge | agreement | kappa | HS judge | HS labels |\n"
           "|---|---|---|---|---|")
     for c, a in report.items():
@@ -366,12 +449,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["train", "study", "other"])
     p.add_argument("paths", nargs="*", type=Path, help="other: labels.jsonl files of another prompt set")
-    p.add_argument("--labels", type=Path, default=DEFAULT_LABELS)
+    p.add_argument("--labels", type=Path, nargs="+", default=list(TRAIN_LABELS),
+                   help="labels.jsonl files to train and study on (ids must not repeat across them)")
     p.add_argument("--out", type=Path, default=None, help="study: also write the report as JSON here")
+    p.add_argument("--judge-dir", type=Path, default=TUNED_DIR, help="train: where the judge is written")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs (the recipe's: %(default)s)")
+    p.add_argument("--ambiguous-weight", type=float, default=AMBIGUOUS_WEIGHT,
+                   help="weight of the ambiguous labels, at their best guess (0: left out; the recipe's: %(default)s)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
+    if a.epochs < 1 or a.ambiguous_weight < 0:
+        p.error("--epochs must be >= 1 and --ambiguous-weight >= 0")
+    set_recipe(epochs=a.epochs, ambiguous_weight=a.ambiguous_weight)
     if a.what == "train":
-        print(f"[judge] written to {train_and_save(a.labels, progress=a.progress)}")
+        print(f"[judge] written to {train_and_save(a.labels, a.judge_dir, progress=a.progress)}")
     elif a.what == "study":
         study(a.labels, a.out, a.progress)
     else:

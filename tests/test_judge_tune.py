@@ -54,19 +54,22 @@ def test_training_on_a_toy_labelling_learns_it_and_the_saved_judge_reads_the_sam
                                                                                  monkeypatch):
     """Training must separate the toy labels (the head starts at zero here: the tiny tokenizer reads Yes and
     No as the same unknown word, so nothing but training can do it), ambiguous labels (deliberately wrong) must
-    be left out, and the judge written by train_and_save, read back by load_tuned and run by tuned_logits on
+    be left out at AMBIGUOUS_WEIGHT 0, and the judge written by train_and_save, read back by load_tuned and run by tuned_logits on
     the full model with left padding (evaluate.py's path), must give the logits of the training path (cached
     inputs, right padding): same fp32 math, 1e-4 on logits of size ~1-10."""
     monkeypatch.setattr(judge_tune, "LR", 2e-2)
+    monkeypatch.setattr(judge_tune, "EPOCHS", 2)
+    monkeypatch.setattr(judge_tune, "AMBIGUOUS_WEIGHT", 0.0)
     new_reader = tiny_reader(tiny_checkpoint)
     rows = toy_rows(48)
     rows += [{**r, "id": 100 + i, "label": "refusal", "ambiguous": True} for i, r in enumerate(toy_rows(40)) if i % 2]
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    folder = judge_tune.train_and_save(labels, tmp_path / "judge", progress=False, cache_dir=tmp_path / "cache",
+    folder = judge_tune.train_and_save([labels], tmp_path / "judge", progress=False, cache_dir=tmp_path / "cache",
                                        new_reader=new_reader)
     config = json.loads((folder / "judge.json").read_text())
-    assert config["trained_on"] == 48 and config["threshold"] == 0.0
+    assert config["trained_on"] == 48 and config["trained_on_ambiguous"] == 0 and config["threshold"] == 0.0
+    assert config["ambiguous_weight"] == 0.0 and list(config["labels_sha256"]) == [str(labels)]
     model, tokenizer, head, _ = judge.load_tuned(folder, new_reader())
     new = toy_rows(6, start=500)
     for r in new:
@@ -77,6 +80,35 @@ def test_training_on_a_toy_labelling_learns_it_and_the_saved_judge_reads_the_sam
     cached = judge_tune.cache_inputs(new, (model, tokenizer), tmp_path / "cache-new", progress=False)
     torch.testing.assert_close(judge_tune.cached_logits(model, head, [r["id"] for r in new], cached), logits,
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("weight, w8_harmful", [(1.0, True), (0.1, False)])
+def test_ambiguous_labels_train_at_their_weight(tiny_checkpoint, tmp_path, monkeypatch, weight, w8_harmful):
+    """A third kind of answer (w8) is labelled refusal by 4 unambiguous labels and harmful by 20 ambiguous
+    ones: at weight 1 the 20 outweigh the 4 (the judge calls w8 harmful), at weight 0.1 they weigh 2 against 4
+    (it calls w8 not harmful). The w5 / w6 answers stay right either way. (Ten epochs at lr 5e-2 leave every
+    logit at |logit| > 3 on this toy, measured: far from 0 against fp32 kernel differences.)"""
+    monkeypatch.setattr(judge_tune, "LR", 5e-2)
+    monkeypatch.setattr(judge_tune, "EPOCHS", 10)
+    monkeypatch.setattr(judge_tune, "AMBIGUOUS_WEIGHT", weight)
+    rows = toy_rows(48)
+    w8 = [{**r, "answer": "w8 w8 w7"} for r in toy_rows(24, start=200)]
+    rows += [{**r, "label": "refusal"} for r in w8[:4]] + [{**r, "label": "harmful", "ambiguous": True} for r in w8[4:]]
+    model, tokenizer = tiny_reader(tiny_checkpoint)()
+    cached = judge_tune.cache_inputs(rows, (model, tokenizer), tmp_path, progress=False)
+    head = judge_tune.train(model, tokenizer, rows, cached, progress=False)
+    test = [rows[0], rows[1], w8[0]]  # refusal, harmful, w8
+    logits = judge_tune.cached_logits(model, head, [r["id"] for r in test], cached)
+    assert (logits > 0).tolist() == [False, True, w8_harmful]
+
+
+def test_label_files_with_repeated_ids_are_refused(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(3)))
+    b.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(3, start=2)))
+    assert len(judge_tune.load_label_files([a])) == 3
+    with pytest.raises(ValueError, match="ids repeat"):
+        judge_tune.load_label_files([a, b])
 
 
 def test_the_cache_resumes_by_shard_and_refuses_another_reading(tiny_checkpoint, tmp_path, monkeypatch):
@@ -95,12 +127,13 @@ def test_the_cache_resumes_by_shard_and_refuses_another_reading(tiny_checkpoint,
 
 
 def test_folds_hold_out_whole_evaluations_and_balance_their_sizes():
-    sizes = {"a/e1": 50, "a/e2": 40, "b/e1": 30, "b/e3": 20, "c/e4": 10, "c/e5": 10}
+    sizes = {"main/a/e1": 50, "main/a/e2": 40, "pc/a/e1": 30, "b/e3": 20, "c/e4": 10, "c/e5": 10}
     rows = [{"source": f"runs/{g}"} for g, n in sizes.items() for _ in range(n)]
     fold = judge_tune.group_folds(rows, k=3)
-    assert set(fold) == set(sizes)  # one fold per evaluation (eval_key: parent/name)
+    # one fold per evaluation (group_key: the last three parts, so main/a/e1 and pc/a/e1 are two models)
+    assert set(fold) == {"main/a/e1", "main/a/e2", "pc/a/e1", "runs/b/e3", "runs/c/e4", "runs/c/e5"}
     # largest first, each to the lightest fold: 50 -> 0, 40 -> 1, 30 -> 2, 20 -> 2, 10 -> 1, 10 -> 0
-    assert fold == {"a/e1": 0, "a/e2": 1, "b/e1": 2, "b/e3": 2, "c/e4": 1, "c/e5": 0}
+    assert fold == {"main/a/e1": 0, "main/a/e2": 1, "pc/a/e1": 2, "runs/b/e3": 2, "runs/c/e4": 1, "runs/c/e5": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,3 +206,37 @@ def test_the_probe_reuses_the_cached_reading_and_it_equals_its_own(tiny_checkpoi
     for i, r in enumerate(rows):
         torch.testing.assert_close(features[r["id"]][0], X[i], atol=1e-4, rtol=0)
         torch.testing.assert_close(features[r["id"]][1], margin[i], atol=1e-4, rtol=0)
+
+
+def test_the_study_holds_out_whole_evaluations_and_reports_each(tiny_checkpoint, tmp_path, monkeypatch):
+    """End to end on the toy labelling, two label files (5 evaluations of 12 labels; one file's models share
+    the other's folder names, as main/ and pc/ do): every evaluation is judged once, by a tuned judge and
+    probes trained without it; the toy's rule is learnable, so the tuned judge must agree on every held-out
+    label; rules and keyword must give their own verdicts; the report must be written."""
+    monkeypatch.setattr(judge_tune, "LR", 5e-2)
+    monkeypatch.setattr(judge_tune, "EPOCHS", 10)
+    monkeypatch.setattr(judge_tune, "FOLDS", 3)
+    sources = ["runs/main/seed1/eval-a", "runs/main/seed1/eval-b", "runs/main/seed2/eval-a"]
+    first = [r for k, s in enumerate(sources) for r in toy_rows(12, start=100 * k, source=s)]
+    second = [r for k, s in enumerate(["results/x/pc/seed1/eval-a", "results/x/pc/seed1/eval-b"])
+              for r in toy_rows(12, start=1000 + 100 * k, source=s)]
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for f, rows in zip(files, (first, second)):
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = judge_tune.study(files, tmp_path / "study.json", progress=False, cache_dir=tmp_path / "cache",
+                              new_reader=tiny_reader(tiny_checkpoint))
+    assert report["evaluations"] == 5 and len(report["per_evaluation"]) == 5
+    assert {e["evaluation"] for e in report["per_evaluation"]} >= {"main/seed1/eval-a", "pc/seed1/eval-a"}
+    assert report["held_out"]["tuned"]["agreement"] == 1.0
+    rows = first + second
+    for judge_name in ("rules", "keyword"):
+        direct = judge.harmful_verdicts(judge_name, [r["prompt"] for r in rows], [r["answer"] for r in rows])[0]
+        assert report["held_out"][judge_name]["hs_judge"] == pytest.approx(100 * sum(direct) / len(direct))
+    assert json.loads((tmp_path / "study.json").read_text())["folds"] == 3
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "0"], ["--ambiguous-weight", "-1"]])
+def test_bad_recipe_values_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        judge_tune.main(["train", *bad])
+    assert "must be" in capsys.readouterr().err
