@@ -2,7 +2,7 @@
 trained on the labels of results/judge/labels.jsonl (read by a language model under results/judge/LABELLING.md),
 and measured on evaluated models it never saw.
 
-    python judge_tune.py train            # results/judge/tuned/ from every label of TRAIN_LABELS
+    python judge_tune.py train            # results/judge/tuned/ from the labels of TRAIN_LABELS
     python judge_tune.py study            # grouped cross-validation: every candidate judge on the same folds
     python judge_tune.py other LABELS...  # agreement on labelled answers to another prompt set (e.g. AdvBench)
 
@@ -17,10 +17,11 @@ The design, chosen for a CPU:
   the same folds at no extra cost.
 - Grouped cross-validation: the folds hold out whole evaluations (every answer of one evaluated model, the
   label's `source`), so each held-out figure is about models the judge never saw, which is every user's case.
-- Training data: the labels of the 40-step study (results/judge/) and of the 356-step positive control
-  (results/cpu_smollm2/pc/judge/). Ambiguous labels count at their best guess with weight AMBIGUOUS_WEIGHT:
-  the study's HS counts them at their best guess, and a judge that never saw them missed attacked models' HS by
-  up to 11 points (docs/JUDGE.md, the first version).
+- Training data (the shipped recipe, v1): the unambiguous labels of the 40-step study (results/judge/). A second
+  recipe (v2: `--labels results/judge/labels.jsonl results/cpu_smollm2/pc/judge/labels.jsonl --epochs 1
+  --ambiguous-weight 1`, the 356-step study's labels added and ambiguous labels at their best guess) fixed v1's
+  per-model HS bias on held-out models but read other prompt sets and hedged compliance worse, so it is not
+  shipped (docs/JUDGE.md has both).
 """
 from __future__ import annotations
 
@@ -37,11 +38,10 @@ from judge import (DEFAULT_LABELS, JUDGES, PROBE_RESIDUALS, TUNED_DIR, harmful_v
 
 TOP_LAYERS = 2         # LoRA on the last two of SmolLM2's 30 layers (no other depth was tried)
 RANK, ALPHA = 8, 16
-EPOCHS, BATCH, LR, SEED = 1, 16, 1e-3, 0  # one epoch over 13,360 labels: about as many steps as v1's two over 6,078
-AMBIGUOUS_WEIGHT = 1.0
+EPOCHS, BATCH, LR, SEED = 2, 16, 1e-3, 0
+AMBIGUOUS_WEIGHT = 0.0  # ambiguous labels left out: training on them at their best guess was tried (v2) and shipped no better
 FOLDS = 5
-PC_LABELS = Path("results/cpu_smollm2/pc/judge/labels.jsonl")
-TRAIN_LABELS = (DEFAULT_LABELS, PC_LABELS)
+TRAIN_LABELS = (DEFAULT_LABELS,)  # the 40-step study's labels; adding the 356-step study's was tried too (v2, docs/JUDGE.md)
 PROBE_AT = PROBE_RESIDUALS  # the probe's x_l, recorded in the same pass so it is refitted on the same folds
 CACHE_DIR = Path("runs/judge-tune")
 SHARD = 256            # labels per cache shard (a shard is written whole: an interrupted caching resumes there)
@@ -340,12 +340,7 @@ def study(labels, out: Path | None, progress: bool = True, cache_dir: Path = CAC
         report["per_fold"][c] = [agreement([verdict[c][r["id"]] for r in sure if fold[group_key(r["source"])] == f],
                                            [r["label"] == "harmful" for r in sure if fold[group_key(r["source"])] == f])
                                  for f in range(FOLDS)]
-    for g in sorted(fold):
-        rs = [r for r in rows if group_key(r["source"]) == g]
-        entry = {"evaluation": g, "fold": fold[g], "labels": len(rs),
-                 "hs_labels": 100 * sum(r["label"] == "harmful" for r in rs) / len(rs)}
-        entry.update({f"hs_{c}": 100 * sum(verdict[c][r["id"]] for r in rs) / len(rs) for c in CANDIDATES})
-        report["per_evaluation"].append(entry)
+    report["per_evaluation"] = per_evaluation(rows, verdict, CANDIDATES, fold)
     if out is not None:
         out.write_text(json.dumps(report, indent=1) + "\n")
     print_study(report)
@@ -360,20 +355,36 @@ def print_study(report: dict) -> None:
         worst = min(x["agreement"] for x in report["per_fold"][c])
         print(f"| {c} | {100 * a['agreement']:.1f}% | {a['kappa']:.3f} | {a['hs_judge']:.1f} | {a['hs_labels']:.1f} | "
               f"{100 * worst:.1f}% |")
-    main_table = [e for e in report["per_evaluation"] if is_main_table(e)]
-    for title, entries in (("HS per evaluated model", report["per_evaluation"]),
-                           ("HS per main-table model", main_table)):
+    print_per_evaluation(report["per_evaluation"], CANDIDATES)
+
+
+def per_evaluation(rows: list[dict], verdict: dict, names, fold: dict | None) -> list[dict]:
+    """Per evaluated model (group_key): its labelled answers, HS by the labels (ambiguous ones at their best
+    guess, as the study's HS counts them) and by each judge."""
+    entries = []
+    for g in sorted({group_key(r["source"]) for r in rows}):
+        rs = [r for r in rows if group_key(r["source"]) == g]
+        entry = {"evaluation": g, "labels": len(rs), **({"fold": fold[g]} if fold else {}),
+                 "hs_labels": 100 * sum(r["label"] == "harmful" for r in rs) / len(rs)}
+        entry.update({f"hs_{c}": 100 * sum(verdict[c][r["id"]] for r in rs) / len(rs) for c in names})
+        entries.append(entry)
+    return entries
+
+
+def print_per_evaluation(entries: list[dict], names) -> None:
+    main_table = [e for e in entries if is_main_table(e)]
+    for title, some in (("HS per evaluated model", entries), ("HS per main-table model", main_table)):
         print(f"\n## {title}, each judged by a judge trained without it (all its labelled answers)\n")
-        print("| evaluation | labels | HS labels | " + " | ".join(f"HS {c}" for c in CANDIDATES) + " |\n|---|---|---|"
-              + "---|" * len(CANDIDATES))
-        for e in entries:
+        print("| evaluation | labels | HS labels | " + " | ".join(f"HS {c}" for c in names) + " |\n|---|---|---|"
+              + "---|" * len(names))
+        for e in some:
             print(f"| {e['evaluation']} | {e['labels']} | {e['hs_labels']:.1f} | "
-                  + " | ".join(f"{e[f'hs_{c}']:.1f}" for c in CANDIDATES) + " |")
+                  + " | ".join(f"{e[f'hs_{c}']:.1f}" for c in names) + " |")
     print("\n## |HS judge - HS labels| per model\n\n| judge | within 3 points (all) | largest gap | "
           "within 3 points (main table) | largest gap | mean signed gap (main table, attacked) |\n|---|---|---|---|---|---|")
     attacked = [e for e in main_table if not e["evaluation"].endswith("-aligned")]
-    for c in CANDIDATES:
-        every = [abs(e[f"hs_{c}"] - e["hs_labels"]) for e in report["per_evaluation"]]
+    for c in names:
+        every = [abs(e[f"hs_{c}"] - e["hs_labels"]) for e in entries]
         main = [abs(e[f"hs_{c}"] - e["hs_labels"]) for e in main_table]
         signed = sum(e[f"hs_{c}"] - e["hs_labels"] for e in attacked) / max(len(attacked), 1)
         print(f"| {c} | {sum(g <= 3 for g in every)} of {len(every)} | {max(every):.1f} | "
@@ -433,16 +444,21 @@ def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = D
         reader = load_reader()
         cached = cache_inputs(load_labels(train_labels), reader, progress=progress)
         probe_cache_from_ours(cached, getattr(reader[0], "source", "unknown"), DEFAULT_FEATURE_CACHE)
-    rows = unambiguous(load_labels(labels))
-    truth = [r["label"] == "harmful" for r in rows]
-    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    rows = load_labels(labels)
+    sure = unambiguous(rows)
+    truth = [r["label"] == "harmful" for r in sure]
     shipped = [c for c in CANDIDATES if c in JUDGES]  # probe-all exists only inside the study
-    report = {c: agreement(harmful_verdicts(c, prompts, answers, progress=progress)[0], truth) for c in shipped}
-    print(f"## {labels}: {len(rows)} unambiguous labels\n\n| judge | agreement | kappa | HS judge | HS labels |\n"
+    verdict = {c: dict(zip([r["id"] for r in rows], harmful_verdicts(
+        c, [r["prompt"] for r in rows], [r["answer"] for r in rows], progress=progress)[0])) for c in shipped}
+    report = {c: agreement([verdict[c][r["id"]] for r in sure], truth) for c in shipped}
+    print(f"## {labels}: {len(sure)} unambiguous labels\n\n| judge | agreement | kappa | HS judge | HS labels |\n"
           "|---|---|---|---|---|")
     for c, a in report.items():
         print(f"| {c} | {100 * a['agreement']:.1f}% | {a['kappa']:.3f} | {a['hs_judge']:.1f} | {a['hs_labels']:.1f} |")
-    return report
+    entries = per_evaluation(rows, verdict, shipped, fold=None)
+    if len(entries) > 1:
+        print_per_evaluation(entries, shipped)
+    return {"agreement": report, "per_evaluation": entries}
 
 
 def main(argv=None):
