@@ -295,8 +295,14 @@ def all_folds(rows, fold, cached, out_dir: Path, progress: bool, new_reader) -> 
 
 
 def labels_sha256(paths) -> dict:
+    """{file: sha256}, files inside the repository named relative to it (judge.json travels with the repo)."""
     import hashlib
-    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+    repo = Path(__file__).resolve().parent
+
+    def name(p):
+        p = Path(p).resolve()
+        return str(p.relative_to(repo)) if p.is_relative_to(repo) else str(p)
+    return {name(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
 
 
 def recipe() -> dict:

@@ -69,7 +69,7 @@ def test_training_on_a_toy_labelling_learns_it_and_the_saved_judge_reads_the_sam
                                        new_reader=new_reader)
     config = json.loads((folder / "judge.json").read_text())
     assert config["trained_on"] == 48 and config["trained_on_ambiguous"] == 0 and config["threshold"] == 0.0
-    assert config["ambiguous_weight"] == 0.0 and list(config["labels_sha256"]) == [str(labels)]
+    assert config["ambiguous_weight"] == 0.0 and list(config["labels_sha256"]) == [str(labels.resolve())]
     model, tokenizer, head, _ = judge.load_tuned(folder, new_reader())
     new = toy_rows(6, start=500)
     for r in new:
