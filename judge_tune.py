@@ -361,7 +361,7 @@ def print_study(report: dict) -> None:
         worst = min(x["agreement"] for x in report["per_fold"][c])
         print(f"| {c} | {100 * a['agreement']:.1f}% | {a['kappa']:.3f} | {a['hs_judge']:.1f} | {a['hs_labels']:.1f} | "
               f"{100 * worst:.1f}% |")
-    print_per_evaluation(report["per_evaluation"], CANDIDATES)
+    print_per_evaluation(report["per_evaluation"], list(report["held_out"]))  # the candidates it was run with
 
 
 def per_evaluation(rows: list[dict], verdict: dict, names, fold: dict | None) -> list[dict]:
