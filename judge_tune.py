@@ -185,8 +185,9 @@ def train(model, tokenizer, rows: list[dict], cached: dict, progress: bool = Tru
     head = zero_shot_head(model, tokenizer)
     params = lora_parameters(model) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    label = {r["id"]: float(r["label"] == "harmful") for r in trainable(rows)}
-    weight = {r["id"]: example_weight(r) for r in trainable(rows)}
+    seen = trainable(rows)
+    label = {r["id"]: float(r["label"] == "harmful") for r in seen}
+    weight = {r["id"]: example_weight(r) for r in seen}
     lengths = {i: len(cached[i][0]) for i in label}
     generator = torch.Generator().manual_seed(SEED)
     plan = [b for _ in range(EPOCHS) for b in length_batches(list(label), lengths, generator)]
@@ -339,13 +340,14 @@ def study(labels, out: Path | None, progress: bool = True, cache_dir: Path = CAC
             verdict[c].update(zip(result["ids"], result["verdicts"][c]))
     sure = unambiguous(rows)
     truth = [r["label"] == "harmful" for r in sure]
-    report = {"labels": [str(p) for p in labels], "recipe": recipe(), "folds": FOLDS, "evaluations": len(fold), "held_out": {}, "per_fold": {},
-              "per_evaluation": []}
+    sure_fold = [fold[group_key(r["source"])] for r in sure]
+    report = {"labels": [str(p) for p in labels], "recipe": recipe(), "folds": FOLDS, "evaluations": len(fold),
+              "held_out": {}, "per_fold": {}}
     for c in CANDIDATES:
-        report["held_out"][c] = agreement([verdict[c][r["id"]] for r in sure], truth)
-        report["per_fold"][c] = [agreement([verdict[c][r["id"]] for r in sure if fold[group_key(r["source"])] == f],
-                                           [r["label"] == "harmful" for r in sure if fold[group_key(r["source"])] == f])
-                                 for f in range(FOLDS)]
+        said = [verdict[c][r["id"]] for r in sure]
+        report["held_out"][c] = agreement(said, truth)
+        report["per_fold"][c] = [agreement([v for v, g in zip(said, sure_fold) if g == f],
+                                           [t for t, g in zip(truth, sure_fold) if g == f]) for f in range(FOLDS)]
     report["per_evaluation"] = per_evaluation(rows, verdict, CANDIDATES, fold)
     if out is not None:
         out.write_text(json.dumps(report, indent=1) + "\n")
@@ -367,9 +369,11 @@ def print_study(report: dict) -> None:
 def per_evaluation(rows: list[dict], verdict: dict, names, fold: dict | None) -> list[dict]:
     """Per evaluated model (group_key): its labelled answers, HS by the labels (ambiguous ones at their best
     guess, as the study's HS counts them) and by each judge."""
+    by_group = {}
+    for r in rows:  # one pass: 13,360 labels x 96 evaluations of rescanning is avoidable work
+        by_group.setdefault(group_key(r["source"]), []).append(r)
     entries = []
-    for g in sorted({group_key(r["source"]) for r in rows}):
-        rs = [r for r in rows if group_key(r["source"]) == g]
+    for g, rs in sorted(by_group.items()):
         entry = {"evaluation": g, "labels": len(rs), **({"fold": fold[g]} if fold else {}),
                  "hs_labels": 100 * sum(r["label"] == "harmful" for r in rs) / len(rs)}
         entry.update({f"hs_{c}": 100 * sum(verdict[c][r["id"]] for r in rs) / len(rs) for c in names})
