@@ -281,9 +281,12 @@ def hs_prompts(test_rows: list[dict], n: int = 500) -> list[str]:
     return _take(distinct, n, "distinct unsafe prompts")
 
 
-def prompt_file(path: str | Path, n: int, exclude: set[str] = frozenset()) -> list[str]:
+def prompt_file(path: str | Path, n: int, exclude: set[str] = frozenset(), skip: int = 0) -> list[str]:
     """The first n distinct prompts of a JSONL file with a `prompt` field per line (e.g. the AdvBench or
-    Do-Not-Answer copies in ../shared/data/harmful_prompts/), skipping those in `exclude` (e.g. D_a's prompts)."""
+    Do-Not-Answer copies in ../shared/data/harmful_prompts/), leaving out those in `exclude` (e.g. D_a's prompts)
+    and then the first `skip` (e.g. the prompts another labelled set used, so two sets never share a prompt)."""
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file (a JSONL file with a 'prompt' field per line)")
@@ -294,8 +297,9 @@ def prompt_file(path: str | Path, n: int, exclude: set[str] = frozenset()) -> li
             if not isinstance(row, dict) or not str(row.get("prompt", "")).strip():
                 raise ValueError(f"{path}, line {number}: no 'prompt' field")
             prompts.append(row["prompt"].strip())
-    distinct = [p for p in dict.fromkeys(prompts) if p not in exclude]
-    return _take(distinct, n, f"distinct prompts in {path.name}" + (" outside the excluded set" if exclude else ""))
+    distinct = [p for p in dict.fromkeys(prompts) if p not in exclude][skip:]
+    return _take(distinct, n, f"distinct prompts in {path.name}" + (" outside the excluded set" if exclude else "")
+                 + (f" after the first {skip}" if skip else ""))
 
 
 HS_SPLITS = ("all", "calib", "final")

@@ -186,7 +186,7 @@ def load_hs_prompts(args) -> list[str]:
     if args.hs_exclude_align:  # prompts the aligned models were taught to refuse are not new to them
         exclude = {r["instruction"].strip() for r in data.alignment_set(data.load_safety("train", args.data_dir),
                                                                      args.hs_exclude_align)}
-    return data.prompt_file(args.hs_prompts, args.n_hs, exclude)
+    return data.prompt_file(args.hs_prompts, args.n_hs, exclude, skip=args.hs_skip)
 
 
 def evaluate(args) -> dict:
@@ -294,6 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "per line, e.g. ../shared/data/harmful_prompts/advbench.jsonl) instead of the test split")
     p.add_argument("--hs-exclude-align", type=int, default=0, metavar="N_A", help="with --hs-prompts: skip the "
                    "prompts of D_a for tvaccine.py --n-align N_A (the aligned model was trained on them)")
+    p.add_argument("--hs-skip", type=int, default=0, metavar="K", help="with --hs-prompts: then skip the first K "
+                   "prompts (e.g. those of another labelled set, so a judge's training and test prompts differ)")
     p.add_argument("--n-fa", type=int, default=500, help="FA examples (first rows of the task's eval split)")
     p.add_argument("--batch-size", type=int, default=16, help="generation and judge batch size")
     p.add_argument("--max-new-tokens-hs", type=int, default=128)
@@ -323,6 +325,8 @@ def check_args(args):
     for name in ("n_hs", "n_fa", "batch_size", "max_new_tokens_hs", "max_new_tokens_fa"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.hs_skip < 0 or (args.hs_skip and args.hs_prompts is None):
+        raise ValueError(f"--hs-skip must be >= 0 and needs --hs-prompts (got {args.hs_skip})")
 
 
 def rejudge(args):

@@ -425,6 +425,12 @@ def test_prompt_file_distinct_first_n_and_exclusion(tmp_path):
     f.write_text('{"prompt": "a "}\n{"prompt": "b"}\n\n{"prompt": "a"}\n{"prompt": "c"}\n{"prompt": "d"}\n')
     assert data.prompt_file(f, 3) == ["a", "b", "c"]  # stripped, distinct, first-seen order, blank lines skipped
     assert data.prompt_file(f, 2, exclude={"a", "c"}) == ["b", "d"]
+    assert data.prompt_file(f, 2, skip=1) == ["b", "c"]  # skip counts after exclusion: two sets never overlap
+    assert data.prompt_file(f, 1, exclude={"a"}, skip=1) == ["c"]
+    with pytest.raises(ValueError, match="after the first 3"):
+        data.prompt_file(f, 2, skip=3)
+    with pytest.raises(ValueError, match="skip"):
+        data.prompt_file(f, 1, skip=-1)
     with pytest.raises(ValueError, match="only 2 exist"):
         data.prompt_file(f, 3, exclude={"a", "c"})
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
@@ -445,3 +451,13 @@ def test_hs_exclude_align_skips_the_alignment_prompts():
     assert len(prompts) == 100 and not set(prompts) & d_a
     everything = [json.loads(l)["prompt"].strip() for l in (SHARED / "harmful_prompts/advbench.jsonl").open()]
     assert prompts == [p for p in everything if p not in d_a][:100]  # the file's order, D_a's prompts skipped
+    # --hs-skip K: the next prompts after the first K (recipes/other_prompts_train.sh: no prompt of the test set)
+    args.hs_skip, args.n_hs = 50, 40
+    assert evaluate.load_hs_prompts(args) == prompts[50:90]
+
+
+def test_hs_skip_needs_a_prompt_file():
+    import evaluate
+    for argv in (["--hs-skip", "5"], ["--hs-prompts", "x.jsonl", "--hs-skip", "-1"]):
+        with pytest.raises(ValueError, match="--hs-skip"):
+            evaluate.check_args(evaluate.parse_args(argv + ["--task", "none", "--judge", "rules"]))

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Training labels of other kinds of prompt for the tuned judge (issue 22, v3): answers of seven attacked 356-step
+# T-Vaccine models (recipes/positive_control.sh, in $RUNS) to AdvBench and Do-Not-Answer prompts that the test set
+# of recipes/other_prompts.sh never uses: that set takes each file's first 50 prompts outside D_a; model k here
+# takes the 40 after the first 50 + 40k, so no two models and no test answer share a prompt. Then
+#   python judge_study.py --draw all runs/other-train/eval-* --judge-dir results/judge/other_prompts_train
+# writes blind batches for a rater (LABELLING.md). Two workers, one per core:
+#   WORKER=0 bash recipes/other_prompts_train.sh & WORKER=1 bash recipes/other_prompts_train.sh &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs/pc}
+OUT=${OUT:-runs/other-train}
+WORKER=${WORKER:-0}; WORKERS=${WORKERS:-1}
+models=(seed1/tvaccine-r1-g8 seed2/tvaccine-r1-g16-attn seed3/tvaccine-r1-g16 seed1/tvaccine-r1-g8-attn
+        seed1/tvaccine-r1-g16 seed2/tvaccine-r1-g16 seed3/tvaccine-r1-g16-attn)
+job=0
+for k in "${!models[@]}"; do
+  seed=${models[$k]%%/*}; run=${models[$k]#*/}
+  for set in advbench donotanswer; do
+    job=$((job + 1))
+    [ $((job % WORKERS)) -eq "$WORKER" ] || continue
+    out=$OUT/eval-$seed-$run-$set
+    [ -e $out/results.json ] || python evaluate.py --data-dir $DATA --judge rules \
+      --hs-prompts $DATA/harmful_prompts/$set.jsonl --hs-exclude-align 200 --hs-skip $((50 + 40 * k)) --n-hs 40 \
+      --max-new-tokens-hs 64 --task none --batch-size 16 --no-progress --seed ${seed#seed} --dtype bf16 \
+      --aligned $RUNS/$seed/align-$run/adapter --attacked $RUNS/$seed/attack-$run-a5e-4/adapter \
+      --label $seed-$run --out $out
+  done
+done
