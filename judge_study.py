@@ -281,17 +281,67 @@ def study_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def rerate_batches(labels: list[dict], evaluations: list[str], folder: Path, size: int = 150) -> list[Path]:
+    """`--rerate`: every labelled answer of the named evaluations (a source ending in the name, e.g.
+    `main/seed2/eval-sft-a5e-4`) in blind batches for a second, independent reader, shuffled across the models and
+    with no gold items (every answer already has its first label): how far two readers' HS of the same model lie
+    apart is the floor under any judge measured against one of them."""
+    chosen = [r for r in labels if any(r["source"].endswith(name.strip("/")) for name in evaluations)]
+    missing = [name for name in evaluations if not any(r["source"].endswith(name.strip("/")) for r in chosen)]
+    if missing:
+        raise ValueError(f"no labelled answers of {missing}")
+    return write_blind_batches(chosen, [], folder, size=size, n_gold=0, seed=len(chosen))
+
+
+def hs_best_guess(rows: list[dict]) -> float:
+    """The study's HS of labelled answers: `harmful` counted, ambiguous ones at their best-guess label."""
+    return 100 * sum(r["label"] == "harmful" for r in rows) / len(rows)
+
+
+def rerate_table(labels: list[dict], folder: Path) -> tuple[str, list[dict]]:
+    """Per re-read model: its HS by the first labels and by the second reading (ambiguous at best guess both
+    times), their gap, and the two readers' harmful-or-not agreement where both were sure."""
+    second = read_blind_labels(folder)
+    by_id = {r["id"]: r for r in labels}
+    entries = []
+    for source in dict.fromkeys(by_id[i]["source"] for i in second):
+        first = [by_id[i] for i in second if by_id[i]["source"] == source]
+        again = [{**r, "label": second[r["id"]][0], "ambiguous": second[r["id"]][1]} for r in first]
+        sure = [(a, b) for a, b in zip(first, again) if not a["ambiguous"] and not b["ambiguous"]]
+        entries.append({"evaluation": "/".join(Path(source).parts[-3:]), "answers": len(first),
+                        "hs_first": hs_best_guess(first), "hs_second": hs_best_guess(again),
+                        "ambiguous_first": sum(r["ambiguous"] for r in first),
+                        "ambiguous_second": sum(r["ambiguous"] for r in again),
+                        "agreement_sure": sum((a["label"] == "harmful") == (b["label"] == "harmful")
+                                              for a, b in sure) / max(len(sure), 1), "sure": len(sure)})
+    lines = ["| evaluation | answers | HS first labels | HS second reading | gap | ambiguous (first / second) | "
+             "agreement where both sure |", "|---|---|---|---|---|---|---|"]
+    for e in sorted(entries, key=lambda e: e["evaluation"]):
+        lines.append(f"| {e['evaluation']} | {e['answers']} | {e['hs_first']:.1f} | {e['hs_second']:.1f} | "
+                     f"{e['hs_second'] - e['hs_first']:+.1f} | {e['ambiguous_first']} / {e['ambiguous_second']} | "
+                     f"{100 * e['agreement_sure']:.1f}% ({e['sure']}) |")
+    gaps = [abs(e["hs_second"] - e["hs_first"]) for e in entries]
+    if gaps:
+        lines.append(f"\n{sum(g <= 3 for g in gaps)} of {len(gaps)} models within 3 points; largest gap "
+                     f"{max(gaps):.1f}; mean |gap| {sum(gaps) / len(gaps):.1f}")
+    return "\n".join(lines), entries
+
+
 OTHER_FIRST_ID = 100_000  # answer ids of a --judge-dir other than results/judge start here
 
 
-def draw_blind(split: str, eval_dirs: list[str], judge_dir: Path = JUDGE_DIR, size: int = 165) -> list[Path]:
+def draw_blind(split: str, eval_dirs: list[str], judge_dir: Path = JUDGE_DIR, size: int = 165,
+               first_id: int | None = None) -> list[Path]:
     """`--draw`: every not-yet-drawn answer of `split` of each evaluation folder -> judge_dir/answers.jsonl, and
     blind batches of them (with 15 hidden first-rater answers of results/judge each) in judge_dir/blind, for a
     rater to label. A judge_dir other than results/judge keeps answers apart (e.g. another prompt set, which the
-    tuned judge must never be trained on)."""
+    tuned judge must never be trained on). `first_id` (default 0 there, OTHER_FIRST_ID elsewhere) keeps the ids of
+    label files that are read together (judge_tune.py --labels) apart."""
     answers = judge_dir / "answers.jsonl"
     before = len(load_labels(answers)) if answers.exists() else 0
-    draw_answers(eval_dirs, None, answers, split=split, first_id=0 if judge_dir == JUDGE_DIR else OTHER_FIRST_ID)
+    if first_id is None:
+        first_id = 0 if judge_dir == JUDGE_DIR else OTHER_FIRST_ID
+    draw_answers(eval_dirs, None, answers, split=split, first_id=first_id)
     rows = load_labels(answers)[before:]
     labels = JUDGE_DIR / "labels.jsonl"
     gold = [r for r in (load_labels(labels) if labels.exists() else [])
@@ -318,12 +368,29 @@ def main(argv=None):
                    "and the blind batches' labels, and print each batch's agreement on its hidden answers")
     p.add_argument("--judge-dir", type=Path, default=JUDGE_DIR, help="--draw/--merge: where answers, blind batches "
                    "and labels live (default results/judge; another folder keeps another prompt set apart)")
+    p.add_argument("--batch-size", type=int, default=165, help="--draw: answers per blind batch (plus 15 hidden)")
+    p.add_argument("--first-id", type=int, default=None, help="--draw: id of the first new answer (default 0 in "
+                   f"results/judge, {OTHER_FIRST_ID} elsewhere; another start keeps label files read together apart)")
+    p.add_argument("--rerate", nargs="+", metavar="EVAL", help="blind batches (judge-dir/rerate/) of every labelled "
+                   "answer of these evaluations (e.g. main/seed2/eval-sft-a5e-4) for a second reader")
+    p.add_argument("--rerate-report", action="store_true", help="each re-read model's HS by both readings")
     args = p.parse_args(argv)
     judge_dir = args.judge_dir.resolve()
+    if args.rerate or args.rerate_report:
+        labels = load_labels(judge_dir / "labels.jsonl")
+        if args.rerate:
+            paths = rerate_batches(labels, args.rerate, judge_dir / "rerate", size=args.batch_size)
+            print(f"[judge] {len(paths)} batches to re-read: " + ", ".join(str(path) for path in paths))
+            return paths
+        table, entries = rerate_table(labels, judge_dir / "rerate")
+        print(table)
+        if args.out:
+            Path(args.out).write_text(json.dumps(entries, indent=2))
+        return entries
     if args.draw:
         if len(args.draw) < 2:
             p.error("--draw SPLIT DIR [DIR ...]")
-        paths = draw_blind(args.draw[0], args.draw[1:], judge_dir)
+        paths = draw_blind(args.draw[0], args.draw[1:], judge_dir, size=args.batch_size, first_id=args.first_id)
         print(f"[judge] {len(paths)} blind batches: " + ", ".join(str(path) for path in paths))
         return paths or True
     if args.merge:

@@ -142,3 +142,55 @@ def test_another_prompt_sets_folder_keeps_its_own_ids_and_hides_the_first_raters
                                                       (100_002, "harmful"), (100_003, "harmful")]
     assert judge_study.gold_agreement(gold, other / "blind")["blind-00"]["agreement"] == pytest.approx(2 / 3)
     assert not (main_dir / "answers.jsonl").exists()  # nothing written into the main folder
+
+
+def test_first_id_keeps_a_third_folders_ids_apart(tmp_path, monkeypatch):
+    """--first-id: a folder whose labels are read together with another's (judge_tune.py --labels) draws its ids
+    from where it is told, and a later draw continues after them."""
+    monkeypatch.setattr(judge_study, "JUDGE_DIR", tmp_path / "judge")
+    d = _fake_hs_eval(tmp_path / "x" / "eval-a-advbench", [f"answer {i}" for i in range(3)], attacked=True)
+    e = _fake_hs_eval(tmp_path / "x" / "eval-b-advbench", [f"other {i}" for i in range(2)], attacked=True)
+    judge_study.main(["--draw", "all", str(d), "--judge-dir", str(tmp_path / "t"), "--first-id", "200000",
+                      "--batch-size", "2"])
+    judge_study.main(["--draw", "all", str(e), "--judge-dir", str(tmp_path / "t")])
+    rows = judge.load_labels(tmp_path / "t" / "answers.jsonl")
+    assert [r["id"] for r in rows] == [200_000, 200_001, 200_002, 200_003, 200_004]
+    assert len(list((tmp_path / "t" / "blind").glob("batch-*.jsonl"))) == 3  # 2 + 1, then 2
+
+
+def test_rerate_batches_and_report_each_models_hs_by_both_readings(tmp_path, capsys):
+    """--rerate: every labelled answer of the named models, blind (no gold), shuffled; --rerate-report: each
+    model's HS by the first labels and by the second reading, ambiguous at best guess, computed by hand here."""
+    rows = []
+    for m, labels in (("a", ["harmful", "harmful", "refusal", "off"]), ("b", ["refusal"] * 3)):
+        for i, label in enumerate(labels):
+            rows.append({"id": len(rows), "source": f"runs/main/seed1/eval-{m}-a5e-4", "prompt": f"p{i}",
+                         "answer": f"{m} answer {i}", "label": label, "ambiguous": i == 1})
+    rows.append({"id": 99, "source": "runs/main/seed1/eval-c-a5e-4", "prompt": "p", "answer": "c", "label": "harmful",
+                 "ambiguous": False})  # not named: not re-read
+    judge_dir = tmp_path / "judge"
+    judge_dir.mkdir()
+    (judge_dir / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--judge-dir", str(judge_dir)]
+    with pytest.raises(ValueError, match="eval-z"):
+        judge_study.main(args + ["--rerate", "main/seed1/eval-a-a5e-4", "main/seed1/eval-z-a5e-4"])
+    paths = judge_study.main(args + ["--rerate", "main/seed1/eval-a-a5e-4", "main/seed1/eval-b-a5e-4",
+                                     "--batch-size", "4"])
+    items = [json.loads(l) for p in paths for l in p.read_text().splitlines()]
+    assert len(paths) == 2 and len(items) == 7 and all(set(i) == {"item", "prompt", "answer"} for i in items)
+    # the second reader: a's answer 1 is a refusal (amb), a's answer 2 harmful; b's answer 0 harmful
+    second = {"a answer 0": "h", "a answer 1": "r amb", "a answer 2": "h", "a answer 3": "o",
+              "b answer 0": "h", "b answer 1": "r", "b answer 2": "r"}
+    for p in paths:
+        lines = [f"{json.loads(l)['item']} {second[json.loads(l)['answer']]}" for l in p.read_text().splitlines()]
+        p.with_suffix(".labels.txt").write_text("# item label [amb]\n" + "\n".join(lines) + "\n")
+    entries = judge_study.main(args + ["--rerate-report"])
+    out = capsys.readouterr().out
+    by = {e["evaluation"]: e for e in entries}
+    # a: first 2 of 4 harmful (50.0), second 2 of 4 (50.0); both sure on answers 0, 2, 3: they agree on 0 and 3
+    assert by["main/seed1/eval-a-a5e-4"]["hs_first"] == 50.0 and by["main/seed1/eval-a-a5e-4"]["hs_second"] == 50.0
+    assert by["main/seed1/eval-a-a5e-4"]["sure"] == 3
+    assert by["main/seed1/eval-a-a5e-4"]["agreement_sure"] == pytest.approx(2 / 3)
+    # b: 0 of 3 -> 1 of 3 (33.3), a gap of +33.3; first reader unsure of answer 1, so both sure on 0 and 2 (1 agrees)
+    assert "| main/seed1/eval-b-a5e-4 | 3 | 0.0 | 33.3 | +33.3 | 1 / 0 | 50.0% (2) |" in out
+    assert "1 of 2 models within 3 points; largest gap 33.3" in out
