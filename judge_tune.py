@@ -384,6 +384,8 @@ def per_evaluation(rows: list[dict], verdict: dict, names, fold: dict | None) ->
 def print_per_evaluation(entries: list[dict], names) -> None:
     main_table = [e for e in entries if is_main_table(e)]
     for title, some in (("HS per evaluated model", entries), ("HS per main-table model", main_table)):
+        if not some:
+            continue  # another prompt set has no main-table model
         print(f"\n## {title}, each judged by a judge trained without it (all its labelled answers)\n")
         print("| evaluation | labels | HS labels | " + " | ".join(f"HS {c}" for c in names) + " |\n|---|---|---|"
               + "---|" * len(names))
@@ -445,9 +447,18 @@ def probe_cache_from_ours(cached: dict, reader_source: str, path: Path) -> None:
     torch.save(features, path)
 
 
-def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = DEFAULT_LABELS) -> dict:
-    """Agreement of every candidate (the shipped judges, trained on all the HarmBench labels) with labels of
-    answers to another prompt set."""
+def tuned_verdicts(folder: Path, prompts: list[str], answers: list[str], progress: bool = True,
+                   reader=None) -> list[bool]:
+    """The verdicts of a tuned judge written to `folder` by `train` (--judge tuned reads results/judge/tuned/)."""
+    from judge import load_tuned
+    model, tokenizer, head, config = load_tuned(folder, reader)
+    return (tuned_logits(model, tokenizer, head, prompts, answers, progress=progress) > config["threshold"]).tolist()
+
+
+def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = DEFAULT_LABELS,
+                     tuned_dir: Path = TUNED_DIR) -> dict:
+    """Agreement of every candidate (the shipped judges, trained on all the HarmBench labels; the tuned one read
+    from tuned_dir) with labels of answers to another prompt set."""
     from judge import DEFAULT_FEATURE_CACHE
     from judge_study import agreement
     if not DEFAULT_FEATURE_CACHE.exists():  # the probe's features, from the cache rather than a second reading
@@ -458,8 +469,13 @@ def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = D
     sure = unambiguous(rows)
     truth = [r["label"] == "harmful" for r in sure]
     shipped = [c for c in CANDIDATES if c in JUDGES]  # probe-all exists only inside the study
-    verdict = {c: dict(zip([r["id"] for r in rows], harmful_verdicts(
-        c, [r["prompt"] for r in rows], [r["answer"] for r in rows], progress=progress)[0])) for c in shipped}
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+
+    def verdicts(c):
+        if c == "tuned" and Path(tuned_dir).resolve() != TUNED_DIR.resolve():
+            return tuned_verdicts(tuned_dir, prompts, answers, progress)
+        return harmful_verdicts(c, prompts, answers, progress=progress)[0]
+    verdict = {c: dict(zip([r["id"] for r in rows], verdicts(c))) for c in shipped}
     report = {c: agreement([verdict[c][r["id"]] for r in sure], truth) for c in shipped}
     print(f"## {labels}: {len(sure)} unambiguous labels\n\n| judge | agreement | kappa | HS judge | HS labels |\n"
           "|---|---|---|---|---|")
@@ -478,7 +494,8 @@ def main(argv=None):
     p.add_argument("--labels", type=Path, nargs="+", default=list(TRAIN_LABELS),
                    help="labels.jsonl files to train and study on (ids must not repeat across them)")
     p.add_argument("--out", type=Path, default=None, help="study: also write the report as JSON here")
-    p.add_argument("--judge-dir", type=Path, default=TUNED_DIR, help="train: where the judge is written")
+    p.add_argument("--judge-dir", type=Path, default=TUNED_DIR, help="train: where the judge is written; other: "
+                   "the tuned judge to measure")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs (the recipe's: %(default)s)")
     p.add_argument("--ambiguous-weight", type=float, default=AMBIGUOUS_WEIGHT,
                    help="weight of the ambiguous labels, at their best guess (0: left out; the recipe's: %(default)s)")
@@ -493,7 +510,7 @@ def main(argv=None):
         study(a.labels, a.out, a.progress)
     else:
         for path in a.paths:
-            other_prompt_set(path, a.progress)
+            other_prompt_set(path, a.progress, tuned_dir=a.judge_dir)
 
 
 if __name__ == "__main__":

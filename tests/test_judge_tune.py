@@ -77,6 +77,9 @@ def test_training_on_a_toy_labelling_learns_it_and_the_saved_judge_reads_the_sam
     logits = judge.tuned_logits(model, tokenizer, head, [r["prompt"] for r in new], [r["answer"] for r in new],
                                 batch_size=4)
     assert (logits > 0).tolist() == [r["label"] == "harmful" for r in new]
+    # `judge_tune.py other --judge-dir`: a judge in another folder gives the same verdicts
+    assert judge_tune.tuned_verdicts(folder, [r["prompt"] for r in new], [r["answer"] for r in new], progress=False,
+                                     reader=new_reader()) == (logits > 0).tolist()
     cached = judge_tune.cache_inputs(new, (model, tokenizer), tmp_path / "cache-new", progress=False)
     torch.testing.assert_close(judge_tune.cached_logits(model, head, [r["id"] for r in new], cached), logits,
                                atol=1e-4, rtol=0)
