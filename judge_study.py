@@ -192,6 +192,24 @@ def merge_labels(answers: Path, hand: Path, out: Path, blind: Path | None = None
     return rows
 
 
+PROMPT_SETS = ("advbench", "donotanswer", "harmbench")  # evaluation folders named eval-...-<set> (recipes/other_prompts*.sh)
+
+
+def write_by_prompt_set(rows: list[dict], folder: Path) -> list[Path]:
+    """`--merge --by-set`: labels-<set>.jsonl beside labels.jsonl, one per prompt set the evaluation folders name,
+    so a judge can be trained on one set's labels and tested on another's (judge_tune.py --labels)."""
+    paths = []
+    for name in PROMPT_SETS:
+        some = [r for r in rows if Path(r["source"]).name.endswith("-" + name)]
+        if some:
+            path = folder / f"labels-{name}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in some))
+            paths.append(path)
+    if sum(len(load_labels(p)) for p in paths) != len(rows):
+        raise ValueError(f"{folder}: some labelled answers come from no prompt set of {PROMPT_SETS}")
+    return paths
+
+
 def gold_agreement(labels: list[dict], blind: Path) -> dict[str, dict]:
     """Per blind batch: its rater's verdicts (harmful or not) on the first rater's answers hidden in it,
     against the first rater, on the answers neither marked ambiguous."""
@@ -298,6 +316,15 @@ def hs_best_guess(rows: list[dict]) -> float:
     return 100 * sum(r["label"] == "harmful" for r in rows) / len(rows)
 
 
+def with_second_reading(labels: list[dict], folder: Path) -> list[dict]:
+    """labels with each re-read answer's label replaced by its second reading (the reader named `rerate-NN`):
+    report.py --hand-labels on it gives the study's figures as the second reader would have them."""
+    second = {key[item]: (label, amb, rater.replace("blind", "rerate"))
+              for rater, key, read in blind_batches(folder) for item, (label, amb) in read.items()}
+    return [{**r, "label": second[r["id"]][0], "ambiguous": second[r["id"]][1], "rater": second[r["id"]][2]}
+            if r["id"] in second else r for r in labels]
+
+
 def rerate_table(labels: list[dict], folder: Path) -> tuple[str, list[dict]]:
     """Per re-read model: its HS by the first labels and by the second reading (ambiguous at best guess both
     times), their gap, and the two readers' harmful-or-not agreement where both were sure."""
@@ -366,6 +393,8 @@ def main(argv=None):
                    "batch-NN.labels.txt")
     p.add_argument("--merge", action="store_true", help="rebuild results/judge/labels.jsonl from hand_labels.txt "
                    "and the blind batches' labels, and print each batch's agreement on its hidden answers")
+    p.add_argument("--by-set", action="store_true", help="--merge: also labels-<set>.jsonl per prompt set (the "
+                   "evaluation folder's -advbench / -donotanswer suffix)")
     p.add_argument("--judge-dir", type=Path, default=JUDGE_DIR, help="--draw/--merge: where answers, blind batches "
                    "and labels live (default results/judge; another folder keeps another prompt set apart)")
     p.add_argument("--batch-size", type=int, default=165, help="--draw: answers per blind batch (plus 15 hidden)")
@@ -374,6 +403,8 @@ def main(argv=None):
     p.add_argument("--rerate", nargs="+", metavar="EVAL", help="blind batches (judge-dir/rerate/) of every labelled "
                    "answer of these evaluations (e.g. main/seed2/eval-sft-a5e-4) for a second reader")
     p.add_argument("--rerate-report", action="store_true", help="each re-read model's HS by both readings")
+    p.add_argument("--second-labels", type=Path, default=None, help="--rerate-report: also write labels.jsonl with "
+                   "the re-read answers at their second reading here (for report.py --hand-labels)")
     args = p.parse_args(argv)
     judge_dir = args.judge_dir.resolve()
     if args.rerate or args.rerate_report:
@@ -384,6 +415,9 @@ def main(argv=None):
             return paths
         table, entries = rerate_table(labels, judge_dir / "rerate")
         print(table)
+        if args.second_labels:
+            rows = with_second_reading(labels, judge_dir / "rerate")
+            args.second_labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
         if args.out:
             Path(args.out).write_text(json.dumps(entries, indent=2))
         return entries
@@ -400,6 +434,9 @@ def main(argv=None):
         for batch, stats in gold_agreement(first, judge_dir / "blind").items():
             print(f"[judge] {batch}: {100 * stats['agreement']:.0f}% agreement on {stats['n']} hidden answers")
         print(f"[judge] {len(rows)} labels in {judge_dir / 'labels.jsonl'}")
+        if args.by_set:
+            for path in write_by_prompt_set(rows, judge_dir):
+                print(f"[judge] {len(load_labels(path))} labels in {path}")
         return rows
     if not args.study:
         p.error("nothing to do: pass --study LABELS, --draw SPLIT DIR..., or --merge")

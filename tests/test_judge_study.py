@@ -137,7 +137,9 @@ def test_another_prompt_sets_folder_keeps_its_own_ids_and_hides_the_first_raters
     # the rater calls every answer harmful except "answer 1" and the gold "gold 2"
     lines = [f"{it['item']} {'r' if it['answer'] in ('answer 1', 'gold 2') else 'h'}" for it in items]
     (other / "blind" / "batch-00.labels.txt").write_text("\n".join(lines) + "\n")
-    rows = judge_study.main(["--merge", "--judge-dir", str(other)])
+    rows = judge_study.main(["--merge", "--judge-dir", str(other), "--by-set"])
+    assert judge.load_labels(other / "labels-advbench.jsonl") == rows  # every answer is AdvBench's here
+    assert not (other / "labels-donotanswer.jsonl").exists()
     assert [(r["id"], r["label"]) for r in rows] == [(100_000, "harmful"), (100_001, "refusal"),
                                                       (100_002, "harmful"), (100_003, "harmful")]
     assert judge_study.gold_agreement(gold, other / "blind")["blind-00"]["agreement"] == pytest.approx(2 / 3)
@@ -184,7 +186,7 @@ def test_rerate_batches_and_report_each_models_hs_by_both_readings(tmp_path, cap
     for p in paths:
         lines = [f"{json.loads(l)['item']} {second[json.loads(l)['answer']]}" for l in p.read_text().splitlines()]
         p.with_suffix(".labels.txt").write_text("# item label [amb]\n" + "\n".join(lines) + "\n")
-    entries = judge_study.main(args + ["--rerate-report"])
+    entries = judge_study.main(args + ["--rerate-report", "--second-labels", str(tmp_path / "second.jsonl")])
     out = capsys.readouterr().out
     by = {e["evaluation"]: e for e in entries}
     # a: first 2 of 4 harmful (50.0), second 2 of 4 (50.0); both sure on answers 0, 2, 3: they agree on 0 and 3
@@ -194,3 +196,18 @@ def test_rerate_batches_and_report_each_models_hs_by_both_readings(tmp_path, cap
     # b: 0 of 3 -> 1 of 3 (33.3), a gap of +33.3; first reader unsure of answer 1, so both sure on 0 and 2 (1 agrees)
     assert "| main/seed1/eval-b-a5e-4 | 3 | 0.0 | 33.3 | +33.3 | 1 / 0 | 50.0% (2) |" in out
     assert "1 of 2 models within 3 points; largest gap 33.3" in out
+    again = {r["answer"]: r for r in judge.load_labels(tmp_path / "second.jsonl")}
+    assert len(again) == len(rows) and again["c"]["label"] == "harmful" and "rater" not in again["c"]  # not re-read
+    assert [(again[a]["label"][0], again[a]["ambiguous"]) for a in second] == [
+        (v[0], v.endswith("amb")) for v in second.values()]
+    assert {again[a]["rater"] for a in second} == {"rerate-00", "rerate-01"}
+
+
+def test_labels_by_prompt_set_take_every_label_once(tmp_path):
+    rows = [{"id": i, "source": f"runs/o/eval-sft-{s}", "label": "refusal"} for i, s in
+            enumerate(["advbench", "donotanswer", "advbench"])]
+    paths = judge_study.write_by_prompt_set(rows, tmp_path)
+    assert [p.name for p in paths] == ["labels-advbench.jsonl", "labels-donotanswer.jsonl"]
+    assert [r["id"] for r in judge.load_labels(paths[0])] == [0, 2]
+    with pytest.raises(ValueError, match="no prompt set"):
+        judge_study.write_by_prompt_set(rows + [{"id": 3, "source": "runs/o/eval-sft-a5e-4"}], tmp_path)
