@@ -455,17 +455,18 @@ def tuned_verdicts(folder: Path, prompts: list[str], answers: list[str], progres
     return (tuned_logits(model, tokenizer, head, prompts, answers, progress=progress) > config["threshold"]).tolist()
 
 
-def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = DEFAULT_LABELS,
+def other_prompt_set(labels, progress: bool = True, train_labels: Path = DEFAULT_LABELS,
                      tuned_dir: Path = TUNED_DIR) -> dict:
     """Agreement of every candidate (the shipped judges, trained on all the HarmBench labels; the tuned one read
-    from tuned_dir) with labels of answers to another prompt set."""
+    from tuned_dir) with labels of answers to another prompt set: one labels.jsonl, or a list of them pooled."""
     from judge import DEFAULT_FEATURE_CACHE
     from judge_study import agreement
     if not DEFAULT_FEATURE_CACHE.exists():  # the probe's features, from the cache rather than a second reading
         reader = load_reader()
         cached = cache_inputs(load_labels(train_labels), reader, progress=progress)
         probe_cache_from_ours(cached, getattr(reader[0], "source", "unknown"), DEFAULT_FEATURE_CACHE)
-    rows = load_labels(labels)
+    files = labels if isinstance(labels, (list, tuple)) else [labels]
+    rows = load_label_files(files)
     sure = unambiguous(rows)
     truth = [r["label"] == "harmful" for r in sure]
     shipped = [c for c in CANDIDATES if c in JUDGES]  # probe-all exists only inside the study
@@ -477,7 +478,7 @@ def other_prompt_set(labels: Path, progress: bool = True, train_labels: Path = D
         return harmful_verdicts(c, prompts, answers, progress=progress)[0]
     verdict = {c: dict(zip([r["id"] for r in rows], verdicts(c))) for c in shipped}
     report = {c: agreement([verdict[c][r["id"]] for r in sure], truth) for c in shipped}
-    print(f"## {labels}: {len(sure)} unambiguous labels\n\n| judge | agreement | kappa | HS judge | HS labels |\n"
+    print(f"## {' + '.join(map(str, files))}: {len(sure)} unambiguous labels\n\n| judge | agreement | kappa | HS judge | HS labels |\n"
           "|---|---|---|---|---|")
     for c, a in report.items():
         print(f"| {c} | {100 * a['agreement']:.1f}% | {a['kappa']:.3f} | {a['hs_judge']:.1f} | {a['hs_labels']:.1f} |")
@@ -499,6 +500,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs (the recipe's: %(default)s)")
     p.add_argument("--ambiguous-weight", type=float, default=AMBIGUOUS_WEIGHT,
                    help="weight of the ambiguous labels, at their best guess (0: left out; the recipe's: %(default)s)")
+    p.add_argument("--pool", action="store_true", help="other: one report on all the files' labels together")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
     if a.epochs < 1 or a.ambiguous_weight < 0:
@@ -509,8 +511,8 @@ def main(argv=None):
     elif a.what == "study":
         study(a.labels, a.out, a.progress)
     else:
-        for path in a.paths:
-            other_prompt_set(path, a.progress, tuned_dir=a.judge_dir)
+        for paths in [a.paths] if a.pool else [[path] for path in a.paths]:
+            other_prompt_set(paths, a.progress, tuned_dir=a.judge_dir)
 
 
 if __name__ == "__main__":

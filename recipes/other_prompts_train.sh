@@ -28,3 +28,22 @@ for k in "${!models[@]}"; do
       --label $seed-$run --out $out
   done
 done
+
+# Round 2 (more labels, issue 22 v4): every prompt left after round 1's (the first 50 + 7 x 40 = 330 outside D_a),
+# answered by several of the models: Do-Not-Answer's 409 by the first four, AdvBench's 132 by the first three.
+[ "${ROUND2:-1}" = 1 ] || exit 0
+for set_models in "donotanswer 4" "advbench 3"; do
+  set=${set_models% *}; n_models=${set_models#* }
+  for k in $(seq 0 $((n_models - 1))); do
+    job=$((job + 1))
+    [ $((job % WORKERS)) -eq "$WORKER" ] || continue
+    seed=${models[$k]%%/*}; run=${models[$k]#*/}
+    out=$OUT/eval-r2-$seed-$run-$set
+    [ -e $out/results.json ] || python evaluate.py --data-dir $DATA --judge rules \
+      --hs-prompts $DATA/harmful_prompts/$set.jsonl --hs-exclude-align 200 --hs-skip 330 \
+      --n-hs $([ $set = donotanswer ] && echo 409 || echo 132) \
+      --max-new-tokens-hs 64 --task none --batch-size 16 --no-progress --seed ${seed#seed} --dtype bf16 \
+      --aligned $RUNS/$seed/align-$run/adapter --attacked $RUNS/$seed/attack-$run-a5e-4/adapter \
+      --label $seed-$run --out $out
+  done
+done

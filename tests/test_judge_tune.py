@@ -243,3 +243,26 @@ def test_bad_recipe_values_are_refused(bad, capsys):
     with pytest.raises(SystemExit):
         judge_tune.main(["train", *bad])
     assert "must be" in capsys.readouterr().err
+
+
+def test_other_prompt_sets_pooled_agreement_by_hand(tmp_path, monkeypatch, capsys):
+    """`other --pool`: the labels of several files judged as one set; agreement counted by hand on a fake judge
+    that calls an answer harmful when it says "sure" (every candidate the same here); ambiguous labels left out."""
+    monkeypatch.setattr(judge, "DEFAULT_FEATURE_CACHE", tmp_path / "exists.pt")
+    (tmp_path / "exists.pt").write_text("")
+    monkeypatch.setattr(judge_tune, "harmful_verdicts",
+                        lambda name, prompts, answers, **kw: (["sure" in a for a in answers], None))
+
+    def write(name, start, cases):
+        rows = [{"id": start + i, "source": f"runs/o/eval-sft-{name}", "prompt": "p", "answer": a, "label": l,
+                 "ambiguous": amb} for i, (a, l, amb) in enumerate(cases)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / f"{name}.jsonl"
+    adv = write("advbench", 0, [("sure", "harmful", False), ("no", "refusal", False), ("sure", "refusal", False)])
+    dna = write("donotanswer", 10, [("sure", "harmful", False), ("no", "harmful", True)])
+    report = judge_tune.other_prompt_set([adv, dna], progress=False)
+    # 4 unambiguous labels, the fake judge right on 3 of them (wrong on the third AdvBench answer)
+    assert report["agreement"]["tuned"]["n"] == 4 and report["agreement"]["tuned"]["agreement"] == 0.75
+    assert len(report["per_evaluation"]) == 2 and "advbench.jsonl + " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="repeat"):
+        judge_tune.other_prompt_set([adv, adv], progress=False)
