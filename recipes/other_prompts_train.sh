@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Training labels of other kinds of prompt for the tuned judge (issue 22, v3): answers of seven attacked 356-step
-# T-Vaccine models (recipes/positive_control.sh, in $RUNS) to AdvBench and Do-Not-Answer prompts that the test set
-# of recipes/other_prompts.sh never uses: that set takes each file's first 50 prompts outside D_a; model k here
-# takes the 40 after the first 50 + 40k, so no two models and no test answer share a prompt. Then
-#   python judge_study.py --draw all runs/other-train/eval-* --judge-dir results/judge/other_prompts_train
-# writes blind batches for a rater (LABELLING.md). Two workers, one per core:
-#   WORKER=0 bash recipes/other_prompts_train.sh & WORKER=1 bash recipes/other_prompts_train.sh &
+# Labels of other kinds of prompt for the tuned judge (issue 22): answers of seven attacked 356-step T-Vaccine
+# models (recipes/positive_control.sh, in $RUNS) to AdvBench and Do-Not-Answer prompts that the test set of
+# recipes/other_prompts.sh never uses (it takes each file's first 50 prompts outside D_a).
+# Round 1: model k takes the 40 prompts after the first 50 + 40k of each file (no two models share a prompt);
+# round 2: every prompt left, Do-Not-Answer's by four models, AdvBench's by three. Then, one folder per round:
+#   python judge_study.py --draw all runs/other-train/eval-seed* --judge-dir results/judge/other_prompts_train --first-id 200000 --batch-size 140
+#   python judge_study.py --draw all runs/other-train/eval-r2-* --judge-dir results/judge/other_prompts_r2 --first-id 300000 --batch-size 150
+# write blind batches for readers (their BRIEF.md), and `--merge --by-set --judge-dir ...` the labels per prompt set.
+# Two workers, one per core (about 15 s per 40 answers on one core):
+#   WORKER=0 WORKERS=2 bash recipes/other_prompts_train.sh & WORKER=1 WORKERS=2 bash recipes/other_prompts_train.sh &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -29,8 +32,8 @@ for k in "${!models[@]}"; do
   done
 done
 
-# Round 2 (more labels, issue 22 v4): every prompt left after round 1's (the first 50 + 7 x 40 = 330 outside D_a),
-# answered by several of the models: Do-Not-Answer's 409 by the first four, AdvBench's 132 by the first three.
+# Round 2: every prompt left after round 1's (the first 50 + 7 x 40 = 330 outside D_a), answered by several of
+# the models: Do-Not-Answer's 409 by the first four, AdvBench's 132 by the first three (ROUND2=0: round 1 only).
 [ "${ROUND2:-1}" = 1 ] || exit 0
 for set_models in "donotanswer 4" "advbench 3"; do
   set=${set_models% *}; n_models=${set_models#* }
