@@ -502,7 +502,7 @@ def main(argv=None):
                    help="weight of the ambiguous labels, at their best guess (0: left out; the recipe's: %(default)s)")
     p.add_argument("--pool", action="store_true", help="other: one report on all the files' labels together")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # `other --pool A B`: flags may come before the files
     if a.epochs < 1 or a.ambiguous_weight < 0:
         p.error("--epochs must be >= 1 and --ambiguous-weight >= 0")
     set_recipe(epochs=a.epochs, ambiguous_weight=a.ambiguous_weight)

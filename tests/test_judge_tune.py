@@ -266,3 +266,5 @@ def test_other_prompt_sets_pooled_agreement_by_hand(tmp_path, monkeypatch, capsy
     assert len(report["per_evaluation"]) == 2 and "advbench.jsonl + " in capsys.readouterr().out
     with pytest.raises(ValueError, match="repeat"):
         judge_tune.other_prompt_set([adv, adv], progress=False)
+    judge_tune.main(["other", "--pool", str(adv), str(dna), "--no-progress"])  # flags before the files
+    assert "donotanswer.jsonl: 4 unambiguous labels" in capsys.readouterr().out
