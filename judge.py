@@ -522,10 +522,16 @@ def beaver_dam_judge(prompts: list[str], answers: list[str], settings: JudgeSett
     return (top > FLAG_THRESHOLD).tolist(), top.tolist()
 
 
+def tuned_verdicts(folder: Path, prompts: list[str], answers: list[str], batch_size: int = 16,
+                   progress: bool = False, reader=None) -> list[bool]:
+    """The verdicts of the tuned judge written to `folder` by judge_tune.py (`--judge tuned`: TUNED_DIR)."""
+    model, tokenizer, head, config = load_tuned(folder, reader)
+    logits = tuned_logits(model, tokenizer, head, prompts, answers, batch_size, progress)
+    return (logits > config["threshold"]).tolist()
+
+
 def tuned_judge(prompts, answers, settings: JudgeSettings) -> Verdicts:
-    model, tokenizer, head, config = load_tuned(TUNED_DIR)
-    logits = tuned_logits(model, tokenizer, head, prompts, answers, settings.batch_size, settings.progress)
-    return (logits > config["threshold"]).tolist(), None
+    return tuned_verdicts(TUNED_DIR, prompts, answers, settings.batch_size, settings.progress), None
 
 
 JUDGES = {"beaver-dam": beaver_dam_judge, "tuned": tuned_judge, "probe": probe_judge, "rules": rules_judge,

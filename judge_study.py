@@ -198,14 +198,15 @@ PROMPT_SETS = ("advbench", "donotanswer", "harmbench")  # evaluation folders nam
 def write_by_prompt_set(rows: list[dict], folder: Path) -> list[Path]:
     """`--merge --by-set`: labels-<set>.jsonl beside labels.jsonl, one per prompt set the evaluation folders name,
     so a judge can be trained on one set's labels and tested on another's (judge_tune.py --labels)."""
-    paths = []
+    paths, written = [], 0
     for name in PROMPT_SETS:
         some = [r for r in rows if Path(r["source"]).name.endswith("-" + name)]
         if some:
             path = folder / f"labels-{name}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in some))
             paths.append(path)
-    if sum(len(load_labels(p)) for p in paths) != len(rows):
+            written += len(some)
+    if written != len(rows):
         raise ValueError(f"{folder}: some labelled answers come from no prompt set of {PROMPT_SETS}")
     return paths
 
@@ -319,10 +320,9 @@ def hs_best_guess(rows: list[dict]) -> float:
 def with_second_reading(labels: list[dict], folder: Path) -> list[dict]:
     """labels with each re-read answer's label replaced by its second reading (the reader named `rerate-NN`):
     report.py --hand-labels on it gives the study's figures as the second reader would have them."""
-    second = {key[item]: (label, amb, rater.replace("blind", "rerate"))
-              for rater, key, read in blind_batches(folder) for item, (label, amb) in read.items()}
-    return [{**r, "label": second[r["id"]][0], "ambiguous": second[r["id"]][1], "rater": second[r["id"]][2]}
-            if r["id"] in second else r for r in labels]
+    second = read_blind_labels(folder)
+    return [{**r, "label": second[r["id"]][0], "ambiguous": second[r["id"]][1],
+             "rater": second[r["id"]][2].replace("blind", "rerate")} if r["id"] in second else r for r in labels]
 
 
 def rerate_table(labels: list[dict], folder: Path) -> tuple[str, list[dict]]:
@@ -330,9 +330,11 @@ def rerate_table(labels: list[dict], folder: Path) -> tuple[str, list[dict]]:
     times), their gap, and the two readers' harmful-or-not agreement where both were sure."""
     second = read_blind_labels(folder)
     by_id = {r["id"]: r for r in labels}
+    by_source = {}
+    for i in second:
+        by_source.setdefault(by_id[i]["source"], []).append(by_id[i])
     entries = []
-    for source in dict.fromkeys(by_id[i]["source"] for i in second):
-        first = [by_id[i] for i in second if by_id[i]["source"] == source]
+    for source, first in by_source.items():
         again = [{**r, "label": second[r["id"]][0], "ambiguous": second[r["id"]][1]} for r in first]
         sure = [(a, b) for a, b in zip(first, again) if not a["ambiguous"] and not b["ambiguous"]]
         entries.append({"evaluation": "/".join(Path(source).parts[-3:]), "answers": len(first),

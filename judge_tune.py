@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from judge import (DEFAULT_LABELS, JUDGES, PROBE_RESIDUALS, TUNED_DIR, harmful_verdicts, load_labels, load_reader,
-                   reader_text, tuned_logits, yes_no_ids)
+                   reader_text, tuned_logits, tuned_verdicts, yes_no_ids)
 
 TOP_LAYERS = 2         # LoRA on the last two of SmolLM2's 30 layers (no other depth was tried)
 RANK, ALPHA = 8, 16
@@ -370,13 +370,14 @@ def print_study(report: dict) -> None:
 def per_evaluation(rows: list[dict], verdict: dict, names, fold: dict | None) -> list[dict]:
     """Per evaluated model (group_key): its labelled answers, HS by the labels (ambiguous ones at their best
     guess, as the study's HS counts them) and by each judge."""
+    from judge_study import hs_best_guess
     by_group = {}
     for r in rows:  # one pass: 13,360 labels x 96 evaluations of rescanning is avoidable work
         by_group.setdefault(group_key(r["source"]), []).append(r)
     entries = []
     for g, rs in sorted(by_group.items()):
         entry = {"evaluation": g, "labels": len(rs), **({"fold": fold[g]} if fold else {}),
-                 "hs_labels": 100 * sum(r["label"] == "harmful" for r in rs) / len(rs)}
+                 "hs_labels": hs_best_guess(rs)}
         entry.update({f"hs_{c}": 100 * sum(verdict[c][r["id"]] for r in rs) / len(rs) for c in names})
         entries.append(entry)
     return entries
@@ -448,14 +449,6 @@ def probe_cache_from_ours(cached: dict, reader_source: str, path: Path) -> None:
     torch.save(features, path)
 
 
-def tuned_verdicts(folder: Path, prompts: list[str], answers: list[str], progress: bool = True,
-                   reader=None) -> list[bool]:
-    """The verdicts of a tuned judge written to `folder` by `train` (--judge tuned reads results/judge/tuned/)."""
-    from judge import load_tuned
-    model, tokenizer, head, config = load_tuned(folder, reader)
-    return (tuned_logits(model, tokenizer, head, prompts, answers, progress=progress) > config["threshold"]).tolist()
-
-
 def other_prompt_set(labels, progress: bool = True, train_labels: Path = DEFAULT_LABELS,
                      tuned_dir: Path = TUNED_DIR) -> dict:
     """Agreement of every candidate (the shipped judges, trained on all the HarmBench labels; the tuned one read
@@ -473,9 +466,9 @@ def other_prompt_set(labels, progress: bool = True, train_labels: Path = DEFAULT
     shipped = [c for c in CANDIDATES if c in JUDGES]  # probe-all exists only inside the study
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
 
-    def verdicts(c):
-        if c == "tuned" and Path(tuned_dir).resolve() != TUNED_DIR.resolve():
-            return tuned_verdicts(tuned_dir, prompts, answers, progress)
+    def verdicts(c):  # the tuned judge read from tuned_dir (the shipped one by default)
+        if c == "tuned":
+            return tuned_verdicts(tuned_dir, prompts, answers, progress=progress)
         return harmful_verdicts(c, prompts, answers, progress=progress)[0]
     verdict = {c: dict(zip([r["id"] for r in rows], verdicts(c))) for c in shipped}
     report = {c: agreement([verdict[c][r["id"]] for r in sure], truth) for c in shipped}

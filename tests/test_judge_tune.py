@@ -78,8 +78,8 @@ def test_training_on_a_toy_labelling_learns_it_and_the_saved_judge_reads_the_sam
                                 batch_size=4)
     assert (logits > 0).tolist() == [r["label"] == "harmful" for r in new]
     # `judge_tune.py other --judge-dir`: a judge in another folder gives the same verdicts
-    assert judge_tune.tuned_verdicts(folder, [r["prompt"] for r in new], [r["answer"] for r in new], progress=False,
-                                     reader=new_reader()) == (logits > 0).tolist()
+    assert judge.tuned_verdicts(folder, [r["prompt"] for r in new], [r["answer"] for r in new],
+                                reader=new_reader()) == (logits > 0).tolist()
     cached = judge_tune.cache_inputs(new, (model, tokenizer), tmp_path / "cache-new", progress=False)
     torch.testing.assert_close(judge_tune.cached_logits(model, head, [r["id"] for r in new], cached), logits,
                                atol=1e-4, rtol=0)
@@ -246,6 +246,7 @@ def test_other_prompt_sets_pooled_agreement_by_hand(tmp_path, monkeypatch, capsy
     (tmp_path / "exists.pt").write_text("")
     monkeypatch.setattr(judge_tune, "harmful_verdicts",
                         lambda name, prompts, answers, **kw: (["sure" in a for a in answers], None))
+    monkeypatch.setattr(judge_tune, "tuned_verdicts", lambda folder, prompts, answers, **kw: ["sure" in a for a in answers])
 
     def write(name, start, cases):
         rows = [{"id": start + i, "source": f"runs/o/eval-sft-{name}", "prompt": "p", "answer": a, "label": l,
